@@ -1,0 +1,316 @@
+"""The harness: the fixed part of every experiment, imported by train.py.
+
+train.py (which the agent edits) owns the model, the optimizer and the training step. The
+harness owns everything that must stay the same between experiments so that their val_bpb can
+be compared: the device and precision, the data, the wall-clock budget, the metric and the
+final report. Usage, in train.py:
+
+    run = harness.setup()                       # settings, device, precision, data
+    loader = run.train_loader(batch_size)
+    run.begin(model, tokens_per_step)          # start the training clock
+    while not run.done:                         # the budget is measured here, not by train.py
+        ... forward / backward / optimizer step ...
+        run.step_done(loss, lrm=lr_multiplier)  # timing, progress line, NaN check
+    run.finish(model, config)                   # evaluate_bpb + the summary block
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import pickle
+import resource
+import sys
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data
+from .config import Settings, make_settings
+
+SETTINGS_ENV = "AUTORESEARCH_SETTINGS"  # path of the settings.json the runner wrote
+T_PROCESS_START = time.time()  # import time of the harness ~ start of the experiment
+
+# Dense peak TFLOP/s of common cards, for MFU: (bf16/fp16 tensor-core peak).
+PEAK_TFLOPS = {
+    "H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 NVL": 835, "H100 PCIe": 756,
+    "H100": 756, "GH200": 989, "B200": 2250, "A100": 312, "A800": 312, "A10G": 125, "A10": 125,
+    "L40S": 362, "L40": 181, "L4": 121, "RTX 4090": 165, "RTX 3090": 71, "RTX A6000": 155,
+    "V100": 125, "T4": 65, "P100": 19,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s of the card in use (None on CPU/MPS or an unknown card: no MFU then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():  # ordered: the most specific names first
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def detect_device(preference: str = "auto") -> torch.device:
+    """cuda → mps → cpu, unless settings or AUTORESEARCH_DEVICE ask for one."""
+    preference = os.environ.get("AUTORESEARCH_DEVICE", preference)
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def detect_precision(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA capability ≥ 8.0; fp16 (with loss scaling) on older CUDA; fp32 elsewhere.
+
+    Not torch.cuda.is_bf16_supported(): on a T4 it answers True through slow emulation.
+    On CPU bf16 autocast measured slower than fp32 on ordinary x86 cores, so fp32 it is.
+    """
+    override = os.environ.get("AUTORESEARCH_DTYPE")
+    if override:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[override]
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.float32
+
+
+def load_settings() -> Settings:
+    """The settings the runner wrote, else ./settings.json, else the preset for this machine."""
+    path = os.environ.get(SETTINGS_ENV) or ("settings.json" if Path("settings.json").exists() else None)
+    return Settings.from_json(path) if path else make_settings("auto")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or exploded; the runner records the run as a crash."""
+
+
+def setup(settings: Settings | None = None) -> "Run":
+    """Read the fixed settings, seed everything, pick device and precision, load the data."""
+    return Run(settings or load_settings())
+
+
+class Run:
+    """One training run's fixed infrastructure (see the module docstring for the life cycle)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        torch.manual_seed(settings.seed)
+        self.device = detect_device(settings.device)
+        self.dtype = detect_precision(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.data = data.prepare(settings, verbose=False)
+        self.vocab_size = self.data.vocab_size
+        self.bos = self.vocab_size - 1
+        self.seq_len = settings.seq_len
+        # fp16 needs loss scaling so small gradients don't underflow; bf16 and fp32 don't
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.step, self.tokens, self.training_seconds = 0, 0, 0.0
+        self.timed_tokens = 0  # tokens of the steps that count against the budget
+        self._eval_rows = None
+        print(f"device: {self.device} ({self.device_name}) | precision: {self.precision} | "
+              f"budget: {settings.budget:g}s | data: {settings.dataset}, "
+              f"{self.data.train_tokens:,} train tokens, vocab {self.vocab_size}", flush=True)
+
+    # ------------------------------------------------------------------ device and precision
+    @property
+    def precision(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return {"mps": "Apple GPU", "cpu": f"{os.cpu_count()} CPU cores"}.get(self.device.type, "?")
+
+    def autocast(self):
+        """Mixed precision for the forward pass (a no-op context in fp32)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def compile(self, model):
+        """torch.compile where it pays (CUDA); elsewhere the model itself."""
+        if self.device.type == "cuda" and os.environ.get("AUTORESEARCH_COMPILE", "1") != "0":
+            return torch.compile(model, dynamic=False)
+        return model
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    # ------------------------------------------------------------------ data
+    def train_loader(self, batch_size: int):
+        """(inputs, targets, epoch) batches of (batch_size, seq_len) from the training split."""
+        return data.make_dataloader(self.data.tokens("train"), self.bos, batch_size, self.seq_len,
+                                    self.device, seed=self.settings.seed)
+
+    # ------------------------------------------------------------------ the clock
+    def begin(self, model, tokens_per_step: int, exclude_steps: int | None = None) -> None:
+        """Start the training clock. The first steps (compilation, warm-up) don't count."""
+        self.model_flops = getattr(model, "estimate_flops", lambda: None)()
+        self.tokens_per_step = tokens_per_step
+        self.exclude_steps = exclude_steps if exclude_steps is not None else (
+            3 if self.device.type == "cuda" else 1)
+        self.peak = peak_flops(self.device)
+        self._t_last = time.time()
+        self._t_printed = 0.0
+        self.t_training_start = None  # set once the excluded steps are done
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the budget used, 0 → 1: drives the learning-rate schedule."""
+        return min(1.0, self.training_seconds / self.settings.budget)
+
+    @property
+    def done(self) -> bool:
+        return self.training_seconds >= self.settings.budget
+
+    def step_done(self, loss, lrm: float = 1.0, epoch: int | None = None) -> None:
+        """Call after every optimizer step: measures time, checks the loss, prints progress."""
+        loss = float(loss)  # waits for the device, so the timing below is honest
+        self.sync()
+        now = time.time()
+        dt, self._t_last = now - self._t_last, now
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        if self.step > self.exclude_steps:
+            self.training_seconds += dt
+            self.timed_tokens += self.tokens_per_step
+        elif self.step == self.exclude_steps:
+            self.t_training_start = now
+        if not math.isfinite(loss) or loss > 100:
+            print(f"FAIL: training diverged, loss={loss} at step {self.step}", flush=True)
+            raise TrainingDiverged(f"loss is {loss} at step {self.step}")
+        self.epoch = epoch if epoch is not None else getattr(self, "epoch", 1)
+        if self.step <= 5 or now - self._t_printed >= 1.0 or self.done:
+            self._t_printed = now
+            self._print_progress(loss, lrm, dt)
+
+    def _print_progress(self, loss: float, lrm: float, dt: float) -> None:
+        tok_s = self.tokens_per_step / max(dt, 1e-9)
+        mfu = self.mfu(tok_s)
+        remaining = max(0.0, self.settings.budget - self.training_seconds)
+        print(f"step {self.step:05d} ({100 * self.progress:.1f}%) | loss: {loss:.6f} | "
+              f"lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | tok/sec: {tok_s:,.0f} | "
+              f"mfu: {mfu:.1f}% | epoch: {self.epoch} | remaining: {remaining:.0f}s", flush=True)
+
+    def mfu(self, tokens_per_second: float) -> float:
+        """Model FLOPs utilisation in percent of the card's peak (0 where unknown, e.g. CPU)."""
+        if not self.peak or not self.model_flops:
+            return 0.0
+        return 100 * self.model_flops * tokens_per_second / self.peak
+
+    # ------------------------------------------------------------------ the metric
+    def eval_rows(self) -> torch.Tensor:
+        """The fixed validation set: the first rows of an unshuffled packing of the val split."""
+        if self._eval_rows is None:
+            tokens = self.data.tokens("val")
+            n_rows = max(1, min(self.settings.eval_tokens // self.seq_len,
+                                len(tokens) // (self.seq_len + 1)))
+            rows = data.PackedRows(tokens, self.bos, self.seq_len + 1, shuffle=False)
+            batch = torch.empty((n_rows, self.seq_len + 1), dtype=torch.int64)
+            for r in range(n_rows):
+                rows.fill(batch[r].numpy())
+            self._eval_rows = batch
+        return self._eval_rows
+
+    @torch.no_grad()
+    def evaluate(self, model, batch_size: int = 32) -> float:
+        """evaluate_bpb on the fixed validation rows."""
+        return evaluate_bpb(model, self.eval_rows(), self.data.token_bytes(), self.device,
+                            batch_size, self.autocast)
+
+    # ------------------------------------------------------------------ the report
+    def peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.device.type == "mps":
+            return torch.mps.driver_allocated_memory() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: peak RSS
+
+    def finish(self, model, config=None, eval_batch_size: int = 32) -> float:
+        """Evaluate, print upstream's summary block, save a checkpoint if asked. Returns val_bpb."""
+        model.eval()
+        val_bpb = self.evaluate(model, eval_batch_size)
+        t_end = time.time()
+        startup = (self.t_training_start or t_end) - T_PROCESS_START
+        num_params = sum(p.numel() for p in model.parameters())
+        tok_s = self.timed_tokens / self.training_seconds if self.training_seconds else 0.0
+        train_tokens_seen = self.tokens / max(1, self.data.train_tokens)
+        summary = {
+            "val_bpb": f"{val_bpb:.6f}",
+            "training_seconds": f"{self.training_seconds:.1f}",
+            "total_seconds": f"{t_end - T_PROCESS_START:.1f}",
+            "peak_vram_mb": f"{self.peak_memory_mb():.1f}",
+            "mfu_percent": f"{self.mfu(tok_s):.2f}",
+            "total_tokens_M": f"{self.tokens / 1e6:.1f}",
+            "num_steps": f"{self.step}",
+            "num_params_M": f"{num_params / 1e6:.1f}",
+            "depth": f"{getattr(config, 'n_layer', '?')}",
+            "startup_seconds": f"{startup:.1f}",
+            "tokens_per_second": f"{tok_s:.0f}",
+            "epochs": f"{train_tokens_seen:.2f}",
+            "device": self.device_name.replace(" ", "_"),
+            "precision": self.precision,
+        }
+        print("---")
+        for key, value in summary.items():
+            print(f"{key + ':':<20}{value}")
+        sys.stdout.flush()
+        if self.settings.checkpoint:
+            save_checkpoint(self.settings.checkpoint, model, config, self.settings, val_bpb)
+        return val_bpb
+
+
+def evaluate_bpb(model, rows: torch.Tensor, token_bytes, device, batch_size: int = 32,
+                 autocast=contextlib.nullcontext) -> float:
+    """Bits per byte of `model` on fixed token rows: the one metric every experiment reports.
+
+    The model only returns logits; the cross-entropy is computed here, summed in nats over every
+    target that is a real token (special tokens have 0 bytes and are skipped), and divided by
+    ln(2) × the number of bytes those targets stand for. Because it is per byte of text, not per
+    token, models with different vocabularies can be compared.
+    """
+    token_bytes = torch.as_tensor(token_bytes, device=device)
+    total_nats, total_bytes = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size].to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        with autocast():
+            logits = model(x)
+        if logits.shape[:2] != y.shape:
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}, "
+                             f"expected (batch, seq_len, vocab) = {tuple(y.shape)} + (vocab,)")
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        nbytes = token_bytes[y.flatten()]
+        total_nats += (nats * (nbytes > 0)).sum().item()
+        total_bytes += nbytes.sum().item()
+    model.train(was_training)
+    return total_nats / (math.log(2) * total_bytes)
+
+
+def save_checkpoint(path, model, config, settings: Settings, val_bpb: float) -> None:
+    """Weights + config + the train.py source that defines the model (evaluate rebuilds it)."""
+    script = Path(sys.argv[0]).read_text() if sys.argv and sys.argv[0].endswith(".py") else None
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    config = asdict(config) if is_dataclass(config) else config
+    payload = {"state_dict": state, "config": config, "train_py": script,
+               "settings": asdict(settings), "val_bpb": val_bpb}
+    tmp = Path(str(path) + ".tmp")
+    torch.save(payload, tmp, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
