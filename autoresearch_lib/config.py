@@ -28,7 +28,7 @@ class Settings:
 
     preset: str = "cpu"  # name of the preset these settings came from
     budget: float = 120.0  # training seconds (start-up and compilation excluded)
-    dataset: str = "shakespeare"  # "shakespeare" (embedded), "text", "tinystories" or "climbmix"
+    dataset: str = "shakespeare"  # "shakespeare" (embedded), "text", "tinystories", "climbmix"
     text: str | None = None  # the user's training text: a file or folder (dataset="text")
     val_text: str | None = None  # optional separate validation text: a file or folder
     vocab_size: int = 2048  # BPE vocabulary, special tokens included
@@ -84,14 +84,15 @@ PRESETS: dict[str, Preset] = {
     "small-gpu": Preset(
         "small-gpu",
         "a 16 GB T4-class GPU (Colab): fp16 with loss scaling, 5 minutes",
-        settings=dict(budget=300.0, vocab_size=8192, seq_len=1024, eval_tokens=2**20),
+        settings=dict(budget=300.0, vocab_size=8192, seq_len=1024, eval_tokens=2**20, dataset="auto"),
         hparams=dict(DEPTH=6, ASPECT_RATIO=64, HEAD_DIM=64, WINDOW_PATTERN="L",
                      TOTAL_BATCH_SIZE=2**16, DEVICE_BATCH_SIZE=16),
     ),
     "h100": Preset(
         "h100",
         "an A100/H100-class GPU at upstream's size: depth 8, seq 2048, vocab 8192, 2^19 tokens/step",
-        settings=dict(budget=300.0, vocab_size=8192, seq_len=2048, eval_tokens=40 * 2**19),
+        settings=dict(budget=300.0, vocab_size=8192, seq_len=2048, eval_tokens=40 * 2**19,
+                      dataset="auto"),
         hparams=dict(DEPTH=8, ASPECT_RATIO=64, HEAD_DIM=128, WINDOW_PATTERN="SSSL",
                      TOTAL_BATCH_SIZE=2**19, DEVICE_BATCH_SIZE=128),
     ),
@@ -125,8 +126,12 @@ def make_settings(preset: str = "auto", **overrides) -> Settings:
     p = get_preset(preset)
     values = {"preset": p.name, **p.settings}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("text") and values.get("dataset", "shakespeare") == "shakespeare":
+    if values.get("text") and values.get("dataset") in (None, "auto", "shakespeare"):
         values["dataset"] = "text"
+    if values.get("dataset") == "auto":  # GPU presets: TinyStories when online
+        from .data import auto_dataset
+
+        values["dataset"] = auto_dataset()
     return Settings(**values)
 
 

@@ -33,7 +33,8 @@ from . import data
 from .config import Settings, make_settings
 
 SETTINGS_ENV = "AUTORESEARCH_SETTINGS"  # path of the settings.json the runner wrote
-T_PROCESS_START = time.time()  # import time of the harness ~ start of the experiment
+# when the experiment's process started: the runner passes it; else the harness's import time
+T_PROCESS_START = float(os.environ.get("AUTORESEARCH_T0", time.time()))
 
 # Dense peak TFLOP/s of common cards, for MFU: (bf16/fp16 tensor-core peak).
 PEAK_TFLOPS = {
@@ -88,6 +89,24 @@ def load_settings() -> Settings:
     return Settings.from_json(path) if path else make_settings("auto")
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for forward passes (a no-op context in fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def validation_rows(prepared: data.Prepared, settings: Settings) -> torch.Tensor:
+    """The fixed validation set: the first rows of an unshuffled packing of the val split."""
+    tokens, bos, seq_len = prepared.tokens("val"), prepared.vocab_size - 1, settings.seq_len
+    n_rows = max(1, min(settings.eval_tokens // seq_len, len(tokens) // (seq_len + 1)))
+    rows = data.PackedRows(tokens, bos, seq_len + 1, shuffle=False)
+    batch = torch.empty((n_rows, seq_len + 1), dtype=torch.int64)
+    for r in range(n_rows):
+        rows.fill(batch[r].numpy())
+    return batch
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or exploded; the runner records the run as a crash."""
 
@@ -135,9 +154,7 @@ class Run:
 
     def autocast(self):
         """Mixed precision for the forward pass (a no-op context in fp32)."""
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def compile(self, model):
         """torch.compile where it pays (CUDA); elsewhere the model itself."""
@@ -215,16 +232,8 @@ class Run:
 
     # ------------------------------------------------------------------ the metric
     def eval_rows(self) -> torch.Tensor:
-        """The fixed validation set: the first rows of an unshuffled packing of the val split."""
         if self._eval_rows is None:
-            tokens = self.data.tokens("val")
-            n_rows = max(1, min(self.settings.eval_tokens // self.seq_len,
-                                len(tokens) // (self.seq_len + 1)))
-            rows = data.PackedRows(tokens, self.bos, self.seq_len + 1, shuffle=False)
-            batch = torch.empty((n_rows, self.seq_len + 1), dtype=torch.int64)
-            for r in range(n_rows):
-                rows.fill(batch[r].numpy())
-            self._eval_rows = batch
+            self._eval_rows = validation_rows(self.data, self.settings)
         return self._eval_rows
 
     @torch.no_grad()

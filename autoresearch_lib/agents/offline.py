@@ -1,0 +1,268 @@
+"""The offline agent: a seeded hill-climber over train.py's UPPERCASE hyperparameters.
+
+No network, no API key. It reads the block of top-level constants (`MATRIX_LR = 0.02`, ...)
+with `ast`, picks one and moves it a little (learning rates x0.5 / x0.7 / x1.4 / x2, depth
++-1, batch sizes x2 or /2, ratios +-0.1), and rewrites only that line. Because the loop hands
+it the best kept train.py, this is hill-climbing. It reads the results so far to never repeat
+a change that was discarded or crashed, and prefers directions that helped before.
+
+Its descriptions are machine-readable, one change per `;`:
+    MATRIX_LR 0.02 -> 0.028
+    TOTAL_BATCH_SIZE 2**19 -> 2**18; DEVICE_BATCH_SIZE 128 -> 64
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import random
+import re
+from dataclasses import dataclass
+
+from .base import Proposal, ProposalError, State
+
+LR_FACTORS = (0.5, 0.7, 1.4, 2.0)
+WINDOW_PATTERNS = ("L", "SL", "SSL", "SSSL")  # S: short (local) window, L: full context
+RATIOS = ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "WEIGHT_DECAY")  # kept in [0, 1]
+PREFERRED_WEIGHT = 3  # how much likelier a move is if the same direction helped before
+CHANGE = re.compile(r"^([A-Z][A-Z0-9_]*) (.+?) -> (.+)$")
+OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+             ast.Div: operator.truediv, ast.Pow: operator.pow}
+
+
+# --- reading and rewriting the constants -------------------------------------------------
+
+@dataclass
+class Constant:
+    """One `NAME = literal` line of train.py."""
+
+    value: object  # the evaluated literal: int, float, str, bool or tuple
+    text: str  # the literal as written, e.g. "2**19"
+    line: int  # 0-based line number
+    start: int  # byte offsets of the literal within that line (what ast reports)
+    end: int
+
+
+def read_constants(train_py: str) -> dict[str, object]:
+    """The UPPERCASE top-level constants of train.py, e.g. {"DEPTH": 8, "MATRIX_LR": 0.04}."""
+    return {name: c.value for name, c in _constants(train_py).items()}
+
+
+def _constants(train_py: str) -> dict[str, Constant]:
+    try:
+        tree = ast.parse(train_py)
+    except (SyntaxError, ValueError) as err:
+        raise ProposalError(f"train.py is not valid Python ({err}), so its constants cannot be read. "
+                            "Reset it to the last kept version.") from None
+    lines, found = train_py.split("\n"), {}
+    for node in tree.body:
+        name = _constant_name(node)
+        if name is None:
+            continue
+        try:
+            value = _literal(node.value)
+        except (ValueError, ArithmeticError):
+            continue  # an expression such as `DIM = DEPTH * 64` is not a knob to turn
+        raw = lines[node.lineno - 1].encode()
+        text = raw[node.value.col_offset: node.value.end_col_offset].decode()
+        found[name] = Constant(value, text, node.lineno - 1, node.value.col_offset, node.value.end_col_offset)
+    return found
+
+
+def _constant_name(node: ast.stmt) -> str | None:
+    """NAME if the statement is a one-line `NAME = ...` with an UPPERCASE name."""
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+        return None
+    target = node.targets[0]
+    if isinstance(target, ast.Name) and target.id.isupper() and node.lineno == node.end_lineno:
+        return target.id
+    return None
+
+
+def _literal(node: ast.expr) -> object:
+    """Evaluate a literal: numbers, strings, tuples, and arithmetic on numbers like 2**19."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
+        return node.value
+    if isinstance(node, ast.Tuple):
+        return tuple(_literal(item) for item in node.elts)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_number(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
+        left, right = _number(node.left), _number(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise ValueError("exponent too large")  # keep 10**10**10 from hanging us
+        return OPERATORS[type(node.op)](left, right)
+    raise ValueError(f"not a literal: {ast.dump(node)[:80]}")
+
+
+def _number(node: ast.expr) -> int | float:
+    value = _literal(node)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("not a number")
+    return value
+
+
+def format_value(value: object, like: str = "") -> str:
+    """Write a value as Python source, in the style of `like` (the old text) where it can."""
+    if isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int) and re.fullmatch(r"2\s*\*\*\s*\d+", like.strip()) and _power_of_two(value):
+        return f"2**{value.bit_length() - 1}"
+    if isinstance(value, float):
+        return repr(float(f"{value:.4g}"))  # 0.028000000000000004 -> 0.028
+    if isinstance(value, str) and like.startswith('"') and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    if isinstance(value, tuple):
+        return "(" + ", ".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
+
+
+def set_constants(train_py: str, changes: dict[str, object]) -> str:
+    """Return train.py with each NAME's literal replaced by its new value; other lines untouched."""
+    constants, lines = _constants(train_py), train_py.split("\n")
+    for name, value in changes.items():
+        if name not in constants:
+            raise ProposalError(f"train.py has no top-level constant {name} (a one-line `{name} = literal`). "
+                                f"Its constants are: {', '.join(constants) or 'none'}.")
+        c = constants[name]
+        raw = lines[c.line].encode()
+        lines[c.line] = (raw[: c.start] + format_value(value, c.text).encode() + raw[c.end:]).decode()
+    return "\n".join(lines)
+
+
+def describe(changes: dict[str, object], train_py: str) -> str:
+    """The one-line description, e.g. `MATRIX_LR 0.02 -> 0.028`."""
+    constants = _constants(train_py)
+    return "; ".join(f"{name} {constants[name].text} -> {format_value(value, constants[name].text)}"
+                     for name, value in changes.items())
+
+
+def parse_description(description: str) -> list[tuple[str, object, object]]:
+    """The (name, old, new) changes in a description written by `describe` ([] for others)."""
+    changes = []
+    for part in str(description).split("; "):
+        match = CHANGE.match(part.strip())
+        try:
+            old, new = (_literal(ast.parse(text, mode="eval").body) for text in match.groups()[1:])
+        except (AttributeError, SyntaxError, ValueError, ArithmeticError, RecursionError):
+            continue  # not one of ours: free text from another agent
+        changes.append((match[1], old, new))
+    return changes
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# --- the moves -----------------------------------------------------------------------------
+
+def _scaled(value, factors, low, high) -> list:
+    return [float(f"{value * f:.4g}") for f in factors if low <= value * f <= high]
+
+
+def _stepped(value, steps, low, high) -> list:
+    return [round(value + s, 6) for s in steps if low <= round(value + s, 6) <= high]
+
+
+def _batch_moves(c: dict) -> list[dict]:
+    """Batch sizes move by factors of 2, so TOTAL stays a multiple of DEVICE * seq_len."""
+    total, device = c.get("TOTAL_BATCH_SIZE"), c.get("DEVICE_BATCH_SIZE")
+    if not (isinstance(total, int) and isinstance(device, int) and _power_of_two(device)):
+        return []
+    moves = [{"TOTAL_BATCH_SIZE": total * 2}] if total <= 2**24 else []
+    if device >= 2:  # halving the device batch keeps the multiple; halve both to shrink the total
+        moves += [{"DEVICE_BATCH_SIZE": device // 2},
+                  {"TOTAL_BATCH_SIZE": total // 2, "DEVICE_BATCH_SIZE": device // 2}]
+    if device <= 512:  # a bigger device batch needs a bigger total (it may run out of memory)
+        moves.append({"DEVICE_BATCH_SIZE": device * 2, "TOTAL_BATCH_SIZE": total * 2})
+    return moves
+
+
+def _moves_for(name: str, value: object) -> list:
+    """New values to try for one constant (the batch sizes are handled together, above)."""
+    if name == "DEPTH" and isinstance(value, int):
+        return _stepped(value, (-1, 1), 1, 64)
+    if name in ("ASPECT_RATIO", "HEAD_DIM") and isinstance(value, int) and value % 2 == 0:
+        return [v for v in (value // 2, value * 2) if 8 <= v <= 512]
+    if name == "DEVICE_BATCH_SIZE" and isinstance(value, int):  # alone, without TOTAL_BATCH_SIZE
+        return [v for v in (value // 2, value * 2) if 1 <= v <= 1024]
+    if name == "WINDOW_PATTERN" and isinstance(value, str):
+        return [p for p in WINDOW_PATTERNS if p != value]
+    if name == "ADAM_BETAS" and isinstance(value, tuple) and len(value) == 2:
+        beta1, beta2 = value
+        return ([(b1, beta2) for b1 in _stepped(beta1, (-0.05, 0.05), 0.5, 0.99)]
+                + [(beta1, b2) for b2 in (0.9, 0.95, 0.99) if b2 != beta2])
+    if name in RATIOS and isinstance(value, (int, float)):
+        return _stepped(value, (-0.1, 0.1), 0.0, 1.0)
+    if isinstance(value, float):  # learning rates and any other float knob
+        return _scaled(value, LR_FACTORS, 1e-6, 10.0)
+    return []
+
+
+def candidate_changes(constants: dict[str, object]) -> list[dict]:
+    """Every single move the agent could make from these constants, in file order."""
+    moves = []
+    for name, value in constants.items():
+        if name == "TOTAL_BATCH_SIZE":
+            moves += _batch_moves(constants)
+        elif name != "DEVICE_BATCH_SIZE" or "TOTAL_BATCH_SIZE" not in constants:
+            moves += [{name: new} for new in _moves_for(name, value)]
+    return moves
+
+
+# --- reading the history -------------------------------------------------------------------
+
+def _key(name: str, value: object) -> tuple[str, str]:
+    return name, format_value(value)  # compare values as written: 0.028 == 0.028000000000000004
+
+
+def _direction(name: str, old: object, new: object) -> tuple[str, int] | None:
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and old != new:
+        return name, 1 if new > old else -1
+    return None
+
+
+def read_history(results: list[dict]) -> tuple[set, set]:
+    """(tried, helped): (name, value) pairs not to try again, and (name, direction) that helped."""
+    tried, helped = set(), set()
+    for row in results:
+        for name, old, new in parse_description(row.get("description", "")):
+            if row.get("status") == "keep":
+                tried.add(_key(name, old))  # going back to a value we moved away from is a repeat
+                helped.add(_direction(name, old, new))
+            else:
+                tried.add(_key(name, new))
+    return tried, helped
+
+
+class OfflineAgent:
+    """Hill-climbs the UPPERCASE hyperparameters of train.py; seeded and reproducible."""
+
+    name = "offline"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"OfflineAgent(seed={self.seed})"
+
+    def propose(self, state: State) -> Proposal:
+        """One change to one constant (or to both batch sizes together)."""
+        constants = read_constants(state.train_py)
+        tried, helped = read_history(state.results)
+        fresh = [c for c in candidate_changes(constants) if not any(_key(n, v) in tried for n, v in c.items())]
+        if not fresh:
+            raise ProposalError(f"The offline agent has run out of new changes: every nearby value of the "
+                                f"{len(constants)} constants in train.py was already tried. Stop the loop, "
+                                "or continue with an LLM agent (make_agent('openai')).")
+        weights = [PREFERRED_WEIGHT if self._helped(c, constants, helped) else 1 for c in fresh]
+        # seeded by (seed, experiment, rows): the same state always gives the same proposal
+        rng = random.Random(f"{self.seed}:{state.experiment}:{len(state.results)}")
+        changes = rng.choices(fresh, weights)[0]
+        return Proposal(description=describe(changes, state.train_py),
+                        train_py=set_constants(state.train_py, changes), original=state.train_py)
+
+    @staticmethod
+    def _helped(changes: dict, constants: dict, helped: set) -> bool:
+        name, new = next(iter(changes.items()))  # the first name is the move's main knob
+        return _direction(name, constants[name], new) in helped
