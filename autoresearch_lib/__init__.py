@@ -3,7 +3,7 @@
 Four verbs:
     prepare   corpus → BPE tokenizer → token files          (data.py)
     train     run a train.py for a fixed time budget        (runner.py + harness.py)
-    evaluate  val_bpb of a checkpoint, and text samples     (evaluate.py)
+    evaluate  val_bpb of a checkpoint, and text samples     (evaluation.py)
     loop      the agent's keep/discard research loop        (loop.py)
 
 >>> import autoresearch_lib as ar
@@ -13,13 +13,13 @@ Four verbs:
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 
 from . import config, data
 from .config import PRESETS, Settings, make_settings, quick_mode
 from .data import DataError, Prepared
-from .evaluate import EvalResult, evaluate
 from .runner import Progress, TrainResult
 
 __all__ = ["prepare", "train", "evaluate", "loop", "Settings", "Prepared", "TrainResult",
@@ -65,9 +65,9 @@ def train(preset: str = "auto", budget: float | None = None, script: str | Path 
 
 
 def __getattr__(name):
-    # `loop` is imported lazily: it pulls in git and the agents, which prepare/train don't need
+    # imported on first use: they pull in torch (seconds), which `import autoresearch_lib` avoids
+    if name in ("evaluate", "EvalResult"):
+        return getattr(importlib.import_module(".evaluation", __name__), name)
     if name == "loop":
-        from . import loop
-
-        return loop
+        return importlib.import_module(".loop", __name__)
     raise AttributeError(f"module 'autoresearch_lib' has no attribute {name!r}")

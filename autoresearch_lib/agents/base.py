@@ -26,7 +26,8 @@ class State:
 
     program: str  # program.md: the human's instructions
     train_py: str  # the current (best kept) train.py
-    results: list[dict] = field(default_factory=list)  # results.tsv rows: commit, val_bpb, memory_gb, status, description
+    # results.tsv rows so far: commit, val_bpb, memory_gb, status (keep/discard/crash), description
+    results: list[dict] = field(default_factory=list)
     best_val_bpb: float | None = None  # lowest val_bpb kept so far (None before the baseline)
     last_crash_log: str | None = None  # tail of the last crashed run's log, if the last run crashed
     experiment: int = 0  # index of the experiment about to run (0 is the baseline)
@@ -38,7 +39,7 @@ class Proposal:
 
     description: str  # one short line, written to results.tsv
     train_py: str  # the complete new train.py
-    usage: dict = field(default_factory=dict)  # LLM tokens: prompt_tokens, completion_tokens, total_tokens
+    usage: dict = field(default_factory=dict)  # LLM tokens: prompt_, completion_, total_tokens
     original: str = ""  # the train.py the edit started from, for the diff
 
     @property

@@ -29,6 +29,7 @@ DIVIDER = re.compile(r"^\s*={5,9}\s*$")
 REPLACE = re.compile(r"^\s*>{5,9} ?REPLACE\s*$")
 MARKERS = {"<<<<<<< SEARCH": SEARCH, "=======": DIVIDER, ">>>>>>> REPLACE": REPLACE}
 FENCE = re.compile(r"^\s*```")
+THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)
 PATH_LIKE = re.compile(r"[\w.~/\\-]*[./\\][\w.~/\\-]*")
 ALLOWED_FILE = "train.py"
 REQUIRED_NAMES = {"GPTConfig", "GPT"}  # the evaluator rebuilds the model from these two
@@ -49,7 +50,10 @@ def apply_reply(reply: str, train_py: str) -> tuple[str, str]:
     """Return (description, new_train_py) built from a model's reply, or raise EditError."""
     if not isinstance(reply, str) or not reply.strip():
         raise EditError(f"The reply is empty. {FORMAT_HELP}")
+    reply = THINKING.sub("", reply)  # reasoning models (deepseek-r1, qwen3) think out loud first
     lines = reply.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if not any(line.strip() for line in lines):
+        raise EditError(f"The reply has nothing after its <think> section. {FORMAT_HELP}")
     first = next(i for i, line in enumerate(lines) if line.strip())
     description, body = _description(lines[first]), lines[first + 1:]
     if any(SEARCH.match(line) for line in body):
@@ -66,6 +70,9 @@ def _description(line: str) -> str:
     """The first line, cleaned: no markdown decoration, no tabs (results.tsv is tab-separated)."""
     if SEARCH.match(line) or FENCE.match(line) or DIVIDER.match(line) or REPLACE.match(line):
         raise EditError(f"The reply must start with a one-line description of the change. {FORMAT_HELP}")
+    if _filename_before([line]) is not None:
+        raise EditError(f"The reply must start with a one-line description of the change, not with a "
+                        f"file name ({line.strip()!r}). {FORMAT_HELP}")
     text = " ".join(line.replace("\t", " ").split()).strip("#*_` ")
     if not text:
         raise EditError(f"The first line must describe the change in words. {FORMAT_HELP}")
@@ -104,7 +111,8 @@ def _section(lines: list[str], i: int, end: str, number: int) -> tuple[str, int]
         if any(pattern.match(lines[j]) for pattern in MARKERS.values()):
             raise EditError(f"SEARCH/REPLACE block {number} is malformed: expected a '{end}' line "
                             f"before {lines[j].strip()!r}. {FORMAT_HELP}")
-    raise EditError(f"SEARCH/REPLACE block {number} is not closed: a '{end}' line is missing. {FORMAT_HELP}")
+    raise EditError(f"SEARCH/REPLACE block {number} is not closed: a '{end}' line is missing. "
+                    + FORMAT_HELP)
 
 
 def _filename_before(lines: list[str]) -> str | None:
@@ -135,7 +143,8 @@ def _replace_once(text: str, search: str, replace: str, number: int) -> str:
     after = " (after applying the blocks before it)" if number > 1 else ""
     if count == 0:
         raise EditError(f"The SEARCH section of block {number} matched 0 times in train.py{after}. "
-                        f"Copy the lines exactly, with the same spaces and indentation.{_closest(search, text)}")
+                        "Copy the lines exactly, with the same spaces and indentation."
+                        + _closest(search, text))
     raise EditError(f"The SEARCH section of block {number} matched {count} times in train.py{after}. "
                     "Include more of the surrounding lines so that it matches exactly once.")
 
@@ -144,7 +153,8 @@ def _closest(search: str, text: str) -> str:
     """A hint: the line of train.py most like the first line the model searched for."""
     wanted = next(line.strip() for line in search.splitlines() if line.strip())[:200]
     # compare code without its trailing comment: "X = 1  # why" is still close to "X = 2"
-    lines = {line.split("#")[0].strip()[:200]: line.strip() for line in text.splitlines() if line.strip()}
+    lines = {line.split("#")[0].strip()[:200]: line.strip() for line in text.splitlines()
+             if line.split("#")[0].strip()}
     match = difflib.get_close_matches(wanted.split("#")[0].strip(), list(lines), n=1, cutoff=0.6)
     return f" The closest line in train.py is: {lines[match[0]]!r}" if match else ""
 
@@ -181,13 +191,21 @@ def _parse(source: str, quiet: bool = False) -> ast.Module | None:
     except SyntaxError as err:
         if quiet:
             return None
-        lines = source.splitlines()
-        where = f" at line {err.lineno}: {lines[err.lineno - 1].strip()!r}" if err.lineno and 0 < err.lineno <= len(lines) else ""
-        raise EditError(f"The new train.py is not valid Python: {err.msg}{where}. Fix it and send the edit again.") from None
+        raise EditError(f"The new train.py is not valid Python: {err.msg}{_where(err.lineno, source)}. "
+                        "Fix it and send the edit again.") from None
     except (ValueError, RecursionError, MemoryError) as err:
         if quiet:
             return None
-        raise EditError(f"The new train.py cannot be parsed as Python ({type(err).__name__}: {err}).") from None
+        raise EditError(f"The new train.py cannot be parsed as Python ({type(err).__name__}: {err}). "
+                        "Fix it and send the edit again.") from None
+
+
+def _where(lineno: int | None, source: str) -> str:
+    """' at line N: <that line>', for an error message."""
+    lines = source.splitlines()
+    if not lineno or not 0 < lineno <= len(lines):
+        return ""
+    return f" at line {lineno}: {lines[lineno - 1].strip()!r}"
 
 
 def _defined(tree: ast.Module | None) -> set[str]:

@@ -63,9 +63,9 @@ def _constants(train_py: str) -> dict[str, Constant]:
             value = _literal(node.value)
         except (ValueError, ArithmeticError):
             continue  # an expression such as `DIM = DEPTH * 64` is not a knob to turn
-        raw = lines[node.lineno - 1].encode()
-        text = raw[node.value.col_offset: node.value.end_col_offset].decode()
-        found[name] = Constant(value, text, node.lineno - 1, node.value.col_offset, node.value.end_col_offset)
+        start, end = node.value.col_offset, node.value.end_col_offset
+        text = lines[node.lineno - 1].encode()[start:end].decode()
+        found[name] = Constant(value, text, node.lineno - 1, start, end)
     return found
 
 
@@ -122,8 +122,9 @@ def set_constants(train_py: str, changes: dict[str, object]) -> str:
     constants, lines = _constants(train_py), train_py.split("\n")
     for name, value in changes.items():
         if name not in constants:
-            raise ProposalError(f"train.py has no top-level constant {name} (a one-line `{name} = literal`). "
-                                f"Its constants are: {', '.join(constants) or 'none'}.")
+            known = ", ".join(constants) or "none"
+            raise ProposalError(f"train.py has no top-level constant {name} (a one-line "
+                                f"`{name} = literal`). Its constants are: {known}.")
         c = constants[name]
         raw = lines[c.line].encode()
         lines[c.line] = (raw[: c.start] + format_value(value, c.text).encode() + raw[c.end:]).decode()
@@ -250,11 +251,12 @@ class OfflineAgent:
         """One change to one constant (or to both batch sizes together)."""
         constants = read_constants(state.train_py)
         tried, helped = read_history(state.results)
-        fresh = [c for c in candidate_changes(constants) if not any(_key(n, v) in tried for n, v in c.items())]
+        fresh = [c for c in candidate_changes(constants)
+                 if not any(_key(name, value) in tried for name, value in c.items())]
         if not fresh:
-            raise ProposalError(f"The offline agent has run out of new changes: every nearby value of the "
-                                f"{len(constants)} constants in train.py was already tried. Stop the loop, "
-                                "or continue with an LLM agent (make_agent('openai')).")
+            raise ProposalError(f"The offline agent has run out of new changes: every nearby value "
+                                f"of the {len(constants)} constants in train.py was already tried. "
+                                "Stop the loop, or go on with an LLM agent (make_agent('openai')).")
         weights = [PREFERRED_WEIGHT if self._helped(c, constants, helped) else 1 for c in fresh]
         # seeded by (seed, experiment, rows): the same state always gives the same proposal
         rng = random.Random(f"{self.seed}:{state.experiment}:{len(state.results)}")

@@ -68,10 +68,11 @@ class OpenAIAgent:
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or ""
         if not self._api_key.strip():
             raise MissingAPIKeyError(
-                "No API key for the OpenAI agent: set the OPENAI_API_KEY environment variable or pass "
-                "api_key=... . For a local server such as Ollama, vLLM or LM Studio any non-empty "
-                "string works (e.g. OPENAI_API_KEY=ollama). Or use the offline agent, which needs no key.")
-        self.max_attempts, self.max_retries = max_attempts, max_retries
+                "No API key for the OpenAI agent: set the OPENAI_API_KEY environment variable or "
+                "pass api_key=... . For a local server such as Ollama, vLLM or LM Studio any "
+                "non-empty string works (e.g. OPENAI_API_KEY=ollama). Or use the offline agent, "
+                "which needs no key.")
+        self.max_attempts, self.max_retries = max(1, max_attempts), max_retries
         self.temperature = temperature  # None: leave it to the server (some models reject it)
         self.client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url,
                                     max_retries=max_retries, timeout=timeout)
@@ -105,12 +106,14 @@ class OpenAIAgent:
         try:
             response = self.client.chat.completions.create(model=self.model, messages=messages, **extra)
         except openai.AuthenticationError:
-            raise ProposalError(f"The API key was rejected (401) by {self._server()}. Check OPENAI_API_KEY "
-                                "(or api_key=...): it may be mistyped, expired or for another server.") from None
+            # `from None`: the original error may quote the key, so it must not be chained
+            raise ProposalError(f"The API key was rejected (401) by {self._server()}. Check "
+                                "OPENAI_API_KEY (or api_key=...): it may be mistyped, expired or "
+                                "meant for another server.") from None
         except openai.APIError as err:
-            raise ProposalError(f"The model server {self._server()} failed, even after {self.max_retries} "
-                                f"retries: {self._redact(str(err))}. Check that it is running and serves "
-                                f"the model {self.model!r}, then try again.") from None
+            raise ProposalError(f"The model server {self._server()} failed, even after "
+                                f"{self.max_retries} retries: {self._redact(str(err))}. Check that "
+                                f"it is running and serves the model {self.model!r}.") from None
         for key in USAGE_KEYS:  # some local servers send no usage at all
             usage[key] = usage.get(key, 0) + (getattr(response.usage, key, None) or 0)
         choice = response.choices[0] if response.choices else None

@@ -35,8 +35,8 @@ class ScriptedAgent:
 
     def propose(self, state: State) -> Proposal:
         if self.remaining <= 0:
-            raise ProposalError(f"The scripted agent has no edits left: all {len(self.edits)} were used. "
-                                "Give it more edits, or stop the loop here.")
+            raise ProposalError(f"The scripted agent has no edits left: all {len(self.edits)} were "
+                                "used. Give it more edits, or stop the loop here.")
         edit, number = self.edits[self.used], self.used + 1
         self.used += 1
         try:

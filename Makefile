@@ -1,0 +1,24 @@
+# make demo: set up and run the main job.  make test: set up and run every test.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast bench clean
+
+$(VENV)/.ready: pyproject.toml scripts/setup_venv.sh
+	VENV=$(VENV) bash scripts/setup_venv.sh
+	touch $@
+
+setup: $(VENV)/.ready
+
+demo: setup
+	$(PY) -m autoresearch_lib train --preset cpu --budget $${BUDGET:-60}
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/bench_cpu.py
+
+clean:
+	rm -rf runs demo .pytest_cache

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtualenv in $VENV and install the kit with its test tools.
+# torch is chosen with care: an existing torch is kept (Colab's, yours); with an NVIDIA GPU the
+# default (CUDA) build is installed; on a CPU-only machine the CPU build is used, never the
+# multi-GB CUDA one: a local CPU wheel if pip can find one offline, else PyTorch's CPU index.
+set -euo pipefail
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
+
+"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is needed"'
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if "$PY" -c 'import torch' 2>/dev/null; then
+  echo "setup: keeping torch $("$PY" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "setup: NVIDIA GPU found, installing torch with CUDA"
+  pip_install "torch>=2.4"
+else
+  echo "setup: no NVIDIA GPU, installing a CPU build of torch"
+  pip_install --no-index "torch==$TORCH_CPU_VERSION" 2>/dev/null \
+    || pip_install torch --index-url https://download.pytorch.org/whl/cpu
+fi
+pip_install -e ".[test]"
+echo "setup: ready ($("$PY" -c 'import torch, autoresearch_lib; print("torch", torch.__version__)'))"
