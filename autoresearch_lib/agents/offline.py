@@ -91,7 +91,10 @@ def _literal(node: ast.expr) -> object:
         left, right = _number(node.left), _number(node.right)
         if isinstance(node.op, ast.Pow) and abs(right) > 64:
             raise ValueError("exponent too large")  # keep 10**10**10 from hanging us
-        return OPERATORS[type(node.op)](left, right)
+        value = OPERATORS[type(node.op)](left, right)
+        if isinstance(value, int) and value.bit_length() > 256:
+            raise ValueError("number too large")
+        return value
     raise ValueError(f"not a literal: {ast.dump(node)[:80]}")
 
 
@@ -120,14 +123,16 @@ def format_value(value: object, like: str = "") -> str:
 def set_constants(train_py: str, changes: dict[str, object]) -> str:
     """Return train.py with each NAME's literal replaced by its new value; other lines untouched."""
     constants, lines = _constants(train_py), train_py.split("\n")
-    for name, value in changes.items():
+    for name in changes:
         if name not in constants:
             known = ", ".join(constants) or "none"
             raise ProposalError(f"train.py has no top-level constant {name} (a one-line "
                                 f"`{name} = literal`). Its constants are: {known}.")
-        c = constants[name]
+    # right to left, so that two constants on one line (A = 1; B = 2) keep valid offsets
+    for name in sorted(changes, key=lambda n: (constants[n].line, constants[n].start), reverse=True):
+        c, new = constants[name], format_value(changes[name], constants[name].text)
         raw = lines[c.line].encode()
-        lines[c.line] = (raw[: c.start] + format_value(value, c.text).encode() + raw[c.end:]).decode()
+        lines[c.line] = (raw[: c.start] + new.encode() + raw[c.end:]).decode()
     return "\n".join(lines)
 
 
