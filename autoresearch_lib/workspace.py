@@ -389,6 +389,10 @@ class Workspace:
     def _recover(self) -> None:
         """Repair what a killed loop left behind (see the module docstring)."""
         had_results = self.results_path.exists()
+        stale = self.path / ".git" / "index.lock"
+        if stale.exists():  # git was killed mid-commit; we hold the lock, so no git is running
+            stale.unlink()
+            self._note("removed .git/index.lock left by a git command that was killed")
         self._note(_repair_results(self.results_path))
         head = self.head()
         # without results.tsv (a fresh clone) there is no record to judge HEAD by

@@ -1,0 +1,207 @@
+"""The research loop: propose → commit → train → decide → record → keep, or reset.
+
+    ws = Workspace.create("runs/demo", preset="cpu", budget=30)
+    loop.run(ws, OfflineAgent(), max_experiments=6)    # or loop.step(ws, agent): exactly one
+
+Each experiment is one commit of train.py on the workspace's branch. The first experiment is
+always the unmodified baseline. A lower val_bpb than the best so far keeps the commit (the branch
+advances); anything else — a worse result, a crash, a proposal that fails validation — is
+recorded in results.tsv and undone with `git reset --hard` to the best commit.
+
+The order of the steps makes a kill at any instant safe: the row is written before the reset,
+and `Workspace.open` undoes a commit that has no `keep` row. So resuming is simply
+`loop.run(Workspace.open(path), agent)`.
+
+Noise-aware mode (`noise_runs=k`): the baseline is trained k times to estimate the run-to-run
+spread σ of val_bpb; afterwards a change is kept only if it beats the best by more than z·σ,
+and an apparent win is confirmed by one re-run (the two are averaged).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .agents import Proposal, ProposalError, State
+from .runner import TrainResult, run_training
+from .workspace import Workspace
+
+NOISE_PREFIX = "baseline noise run"
+
+
+class LoopError(RuntimeError):
+    """The loop cannot go on (e.g. the baseline itself crashes): what to fix is in the message."""
+
+
+@dataclass
+class Event:
+    """Something the loop did, for a dashboard or a log.
+
+    kind: "experiment" (a new one starts), "proposal" (description, diff), "progress" (a
+    runner.Progress), "line" (a log line), "result" (a TrainResult), "decision" (status,
+    val_bpb, best), "stopped", "error".
+    """
+
+    kind: str
+    index: int
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Experiment:
+    """One finished experiment: what was tried and how it was judged."""
+
+    index: int
+    commit: str
+    description: str
+    status: str  # keep, discard, crash — or "stopped" (not recorded: the user stopped it)
+    val_bpb: float | None = None
+    best_before: float | None = None
+    reason: str = ""
+    diff: str = ""
+    result: TrainResult | None = None
+    seconds: float = 0.0
+
+
+def noise_sigma(rows: list[dict]) -> float:
+    """Run-to-run spread of val_bpb, from the baseline's repeated runs (0 if there are none)."""
+    values = [r["val_bpb"] for r in rows
+              if str(r.get("description", "")).startswith(NOISE_PREFIX) and r["val_bpb"]]
+    return statistics.stdev(values) if len(values) >= 2 else 0.0
+
+
+def step(ws: Workspace, agent, on_event: Callable[[Event], None] | None = None,
+         stop: threading.Event | None = None, noise_runs: int = 0, z: float = 2.0,
+         executor=run_training) -> Experiment:
+    """Run exactly one experiment (the baseline if none ran yet) and record it."""
+    with ws.lock():
+        return _step(ws, agent, on_event or (lambda e: None), stop, noise_runs, z, executor)
+
+
+def run(ws: Workspace, agent, max_experiments: int | None = None,
+        stop: threading.Event | None = None, on_event: Callable[[Event], None] | None = None,
+        noise_runs: int = 0, z: float = 2.0, executor=run_training) -> list[Experiment]:
+    """Run experiments until `max_experiments` are done (None: forever) or `stop` is set."""
+    emit = on_event or (lambda e: None)
+    done: list[Experiment] = []
+    with ws.lock():
+        while max_experiments is None or len(done) < max_experiments:
+            if stop is not None and stop.is_set():
+                break
+            exp = _step(ws, agent, emit, stop, noise_runs, z, executor)
+            if exp.status == "stopped":
+                break
+            done.append(exp)
+    return done
+
+
+def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
+    t0 = time.time()
+    rows, index = ws.results(), ws.next_index()
+    best = ws.best()
+    emit(Event("experiment", index, {"best": best}))
+    noise_done = sum(str(r["description"]).startswith(NOISE_PREFIX) for r in rows)
+    if best is None and any(r["status"] == "crash" for r in rows):
+        raise LoopError("the baseline crashed (see results.tsv and logs/): the agent needs a "
+                        "working baseline to improve on. Pick a smaller preset or budget, check "
+                        "the data, then start a new workspace.")
+    if best is None:  # the first experiment is always the unmodified baseline
+        return _baseline(ws, index, emit, stop, executor, noise_runs, noise_done, t0)
+    if ws.head() != best[0][:7]:
+        ws.reset_to(best[0])
+    try:
+        proposal = agent.propose(_state(ws, rows, best, index))
+    except ProposalError as e:
+        return _record(ws, index, emit, Experiment(index, ws.head(), f"proposal failed: {e}"[:200],
+                       "crash", best_before=best[1], reason=f"proposal: {e}"[:300], seconds=time.time() - t0),
+                       best, agent_name=getattr(agent, "name", "?"))
+    if stop is not None and stop.is_set():
+        return _stopped(ws, index, emit, best, proposal.description)
+    commit = ws.commit(proposal.description, proposal.train_py)
+    emit(Event("proposal", index, {"description": proposal.description, "diff": proposal.diff,
+                                   "commit": commit, "usage": proposal.usage}))
+    result = _train(ws, index, emit, stop, executor)
+    if result.status == "stopped":
+        return _stopped(ws, index, emit, best, proposal.description)
+    sigma = noise_sigma(rows)
+    val = result.val_bpb
+    if result.ok and sigma and val < best[1] - z * sigma:  # an apparent win: confirm it once
+        again = _train(ws, index, emit, stop, executor)
+        val = (val + again.val_bpb) / 2 if again.ok else float("inf")
+    status = "crash" if not result.ok else "keep" if val < best[1] - z * sigma else "discard"
+    exp = Experiment(index, commit, proposal.description, status,
+                     val if result.ok else None, best[1], result.reason, proposal.diff, result,
+                     time.time() - t0)
+    return _record(ws, index, emit, exp, best, getattr(agent, "name", "?"), proposal)
+
+
+def _baseline(ws, index, emit, stop, executor, noise_runs, noise_done, t0) -> Experiment:
+    commit = ws.head()
+    repeats = max(1, noise_runs)
+    desc = "baseline" if repeats == 1 else f"{NOISE_PREFIX} {noise_done + 1}/{repeats}"
+    emit(Event("proposal", index, {"description": desc, "diff": "", "commit": commit, "usage": {}}))
+    result = _train(ws, index, emit, stop, executor)
+    if result.status == "stopped":
+        return _stopped(ws, index, emit, None, desc)
+    last = noise_done + 1 >= repeats
+    status = "crash" if not result.ok else "keep" if last else "discard"
+    val = result.val_bpb
+    if result.ok and repeats > 1 and last:  # keep the mean of all the baseline's runs
+        earlier = [r["val_bpb"] for r in ws.results() if str(r["description"]).startswith(NOISE_PREFIX)]
+        val = statistics.mean(earlier + [val])
+    exp = Experiment(index, commit, desc, status, val if result.ok else None, None,
+                     result.reason, "", result, time.time() - t0)
+    return _record(ws, index, emit, exp, None, "baseline")
+
+
+def _state(ws, rows, best, index) -> State:
+    last_crash = None
+    if rows and rows[-1]["status"] == "crash":
+        log = ws.log_path(len(rows) - 1)
+        last_crash = log.read_text(errors="replace")[-3000:] if log.exists() else rows[-1]["reason"]
+    return State(program=ws.program, train_py=ws.train_py, results=rows, best_val_bpb=best[1],
+                 last_crash_log=last_crash, experiment=index)
+
+
+def _train(ws, index, emit, stop, executor) -> TrainResult:
+    settings = ws.settings
+    settings.checkpoint = None  # experiments are judged by their number, not kept as models
+    result = executor(ws.train_py, settings, ws.path / "runs" / f"{index:04d}",
+                      on_progress=lambda p: emit(Event("progress", index, {"progress": p})),
+                      on_line=lambda line: emit(Event("line", index, {"line": line})), stop=stop)
+    ws.log_dir.mkdir(exist_ok=True)
+    log = ws.log_path(index)
+    log.write_text(open(result.log_path, errors="replace").read() if result.log_path else "")
+    emit(Event("result", index, {"result": result}))
+    return result
+
+
+def _stopped(ws, index, emit, best, description) -> Experiment:
+    if best is not None:
+        ws.reset_to(best[0])
+    emit(Event("stopped", index, {"description": description}))
+    return Experiment(index, ws.head(), description, "stopped", reason="stopped by the user")
+
+
+def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
+            proposal: Proposal | None = None) -> Experiment:
+    """Write the row first, then undo a non-kept commit: a kill in between is repaired on open."""
+    r = exp.result
+    usage = proposal.usage if proposal else {}
+    ws.append_result({
+        "commit": exp.commit, "val_bpb": exp.val_bpb or 0.0,
+        "memory_gb": r.memory_gb if r and exp.status != "crash" else 0.0,
+        "status": exp.status, "description": exp.description,
+        "seconds": exp.seconds, "steps": r.num_steps if r else 0,
+        "tokens_M": r.total_tokens_M if r else 0.0, "agent": agent_name,
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0), "reason": exp.reason})
+    if exp.status != "keep" and best is not None:
+        ws.reset_to(best[0])
+    emit(Event("decision", index, {"status": exp.status, "val_bpb": exp.val_bpb,
+                                   "best": best[1] if best else None, "commit": exp.commit,
+                                   "description": exp.description, "reason": exp.reason}))
+    return exp
