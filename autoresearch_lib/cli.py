@@ -67,6 +67,82 @@ def cmd_evaluate(args) -> None:
                    top_k=args.top_k))
 
 
+def make_cli_agent(args):
+    """The agent the loop command asked for."""
+    import json
+
+    from .agents import make_agent
+
+    if args.agent == "openai":
+        return make_agent("openai", model=args.model, base_url=args.base_url)
+    if args.agent == "scripted":
+        if not args.edits:
+            raise ValueError("--agent scripted needs --edits FILE: a JSON list of replies "
+                             '(strings) or [description, {"NAME": value}] pairs.')
+        edits = json.loads(open(args.edits).read())
+        return make_agent("scripted", edits=[tuple(e) if isinstance(e, list) else e for e in edits])
+    return make_agent("offline", seed=args.seed)
+
+
+def experiment_line(exp) -> str:
+    """One line per experiment, as the loop command prints it."""
+    bpb = f"{exp.val_bpb:.6f}" if exp.val_bpb is not None else "   -    "
+    best = f"(best {exp.best_before:.6f})" if exp.best_before is not None else "(first run)"
+    why = f"  [{exp.reason}]" if exp.status == "crash" else ""
+    return f"#{exp.index:03d} {exp.commit} {exp.status:<7} val_bpb {bpb} {best}  {exp.description}{why}"
+
+
+def cmd_loop(args) -> int:
+    from . import loop
+    from .plots import save_progress_chart
+    from .workspace import Workspace
+
+    from pathlib import Path
+
+    path = Path(args.workspace)
+    if (path / "settings.json").exists():
+        ws = Workspace.open(path)
+        print(f"resuming {path} ({ws.next_index()} experiments so far, best {ws.best()})")
+    else:
+        ws = Workspace.create(path, preset=args.preset, budget=args.budget, text=args.text,
+                              val_text=args.val_text, dataset=args.dataset,
+                              vocab_size=args.vocab_size)
+        print(f"created {path} on branch {ws.branch} (preset {ws.settings.preset}, "
+              f"budget {ws.settings.budget:g}s)")
+    agent = make_cli_agent(args)
+    from .data import prepare as prepare_data
+
+    prepare_data(ws.settings)  # a bad corpus fails here, clearly, before any experiment
+    on_event = lambda e: print(experiment_line(e.data["experiment"]), flush=True) if e.kind == "decision" else None
+    try:
+        loop.run(ws, agent, max_experiments=args.max_experiments, on_event=on_event,
+                 noise_runs=args.noise_runs, z=args.z)
+    except KeyboardInterrupt:
+        Workspace.open(path)  # undo the unfinished experiment
+        print("\nstopped: run the same command again to resume")
+        return 130
+    chart = save_progress_chart(ws.results(), path / "progress.png")
+    print(f"results: {ws.results_path}\nchart:   {chart}")
+    return 0
+
+
+def cmd_report(args) -> None:
+    from pathlib import Path
+
+    from .plots import save_progress_chart, summary
+    from .workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    rows = ws.results()
+    if not rows:
+        raise ValueError(f"{ws.results_path} has no experiments yet: run the loop first.")
+    s = summary(rows)
+    out = save_progress_chart(rows, args.out or Path(args.workspace) / "progress.png")
+    print(f"{s['experiments']} experiments, {s['kept']} kept, {s['crashed']} crashed | "
+          f"baseline {s['baseline']:.6f} -> best {s['best']:.6f} "
+          f"({s['improvement']:+.6f}) | chart: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m autoresearch_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,14 +168,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("loop", help="run the research loop in a workspace (created or resumed)")
+    p.add_argument("--workspace", required=True, help="the workspace folder (made if missing)")
+    add_data_args(p)
+    p.add_argument("--budget", type=float, help="training seconds per experiment")
+    p.add_argument("--agent", default="offline", choices=["offline", "openai", "scripted"])
+    p.add_argument("--max-experiments", type=int, help="stop after this many (default: never)")
+    p.add_argument("--model", help="openai agent: model name (or $OPENAI_MODEL)")
+    p.add_argument("--base-url", help="openai agent: server URL, e.g. http://localhost:11434/v1")
+    p.add_argument("--edits", help="scripted agent: JSON file of prepared edits")
+    p.add_argument("--noise-runs", type=int, default=0, help="run the baseline K times to measure noise")
+    p.add_argument("--z", type=float, default=2.0, help="noise-aware: keep only wins > z·σ")
+    p.add_argument("--seed", type=int, default=0, help="offline agent's seed")
+    p.set_defaults(func=cmd_loop)
+
+    p = sub.add_parser("report", help="write the progress chart of a workspace to a PNG")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--out", help="PNG path (default: WORKSPACE/progress.png)")
+    p.set_defaults(func=cmd_report)
     return parser
+
+
+class KnownError(Exception):
+    pass
+
+
+def known_errors() -> tuple:
+    """Our own errors, whose messages already say what to do: printed without a traceback."""
+    from .agents import ProposalError
+    from .loop import LoopError
+    from .workspace import WorkspaceError
+
+    return (ProposalError, LoopError, WorkspaceError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
-    except (DataError, FileNotFoundError, ValueError) as e:
+        try:
+            return args.func(args) or 0
+        except known_errors() as e:
+            raise KnownError(str(e)) from None
+    except (DataError, FileNotFoundError, ValueError, KnownError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -203,5 +203,6 @@ def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
         ws.reset_to(best[0])
     emit(Event("decision", index, {"status": exp.status, "val_bpb": exp.val_bpb,
                                    "best": best[1] if best else None, "commit": exp.commit,
-                                   "description": exp.description, "reason": exp.reason}))
+                                   "description": exp.description, "reason": exp.reason,
+                                   "experiment": exp}))
     return exp
