@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters: edit these directly (a preset writes its starting values here)
@@ -65,6 +66,13 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def sliding_window(w):
+    """Query q may look at key k if k is not in the future and at most w - 1 tokens back."""
+    def mask(b, h, q, k):
+        return (k <= q) & (q - k < w)
+    return mask
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -85,9 +93,11 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if mask is None:
+        if mask is None:  # full causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        elif isinstance(mask, BlockMask):  # sliding window on CUDA: skips the masked-out blocks
+            y = flex_attention(q, k, v, block_mask=mask)
+        else:  # sliding window elsewhere: an explicit boolean mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
@@ -164,22 +174,31 @@ class GPT(nn.Module):
         attn = sum(12 * self.config.n_head * head_dim * min(w, self.config.sequence_len) for w in self.windows)
         return 6 * n_matrix + attn
 
+    @torch.compiler.disable
     def masks(self, T, device):
-        """None (plain causal) for full windows, a boolean sliding-window mask otherwise."""
-        i = torch.arange(T, device=device)
-        masks = []
-        for w in self.windows:
-            masks.append(None if w >= T else (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < w))
-        return masks
+        """Per layer: None (plain causal) for a full window, else a sliding-window mask —
+        a FlexAttention BlockMask on CUDA (fast, compiled), a boolean matrix elsewhere."""
+        cache = self.__dict__.setdefault("_masks", {})
+        for w in set(self.windows):
+            if w < T and (T, w, device) not in cache:
+                window = sliding_window(w)
+                if device.type == "cuda":
+                    cache[T, w, device] = create_block_mask(window, None, None, T, T, device=device)
+                else:
+                    i = torch.arange(T, device=device)
+                    cache[T, w, device] = window(None, None, i[:, None], i[None, :])
+        return [None if w >= T else cache[T, w, device] for w in self.windows]
 
     def forward(self, idx):
         """Token ids (B, T) → logits (B, T, vocab). The harness computes the loss for the metric."""
-        T = idx.size(1)
-        x = x0 = norm(self.wte(idx))
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        T, device = idx.size(1), idx.device.type
+        # the residual stream in the autocast precision (bf16/fp16 on a GPU): half the memory traffic
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        x = x0 = norm(self.wte(idx).to(dtype))
+        cos, sin = self.cos[:, :T].to(dtype), self.sin[:, :T].to(dtype)
         for i, (block, mask) in enumerate(zip(self.blocks, self.masks(T, idx.device))):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, mask)
         logits = self.lm_head(norm(x)).float()
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
@@ -268,7 +287,8 @@ def main():
     model = GPT(config).to(run.device)
     model.init_weights()
     optimizers = make_optimizers(model, fused=run.device.type == "cuda")
-    forward = run.compile(model)
+    # the loss is compiled with the model on CUDA, so soft-cap and cross-entropy fuse
+    train_loss = run.compile(lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
 
     tokens_per_pass = DEVICE_BATCH_SIZE * run.seq_len
     assert TOTAL_BATCH_SIZE % tokens_per_pass == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * seq_len"
@@ -282,8 +302,7 @@ def main():
     while not run.done:
         for _ in range(grad_accum):
             with run.autocast():
-                logits = forward(x)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                loss = train_loss(x, y)
             run.scaler.scale(loss / grad_accum).backward()
             x, y, epoch = next(loader)
         lrm = lr_multiplier(run.progress)
