@@ -12,7 +12,9 @@ $(VENV)/.ready: pyproject.toml scripts/setup_venv.sh
 setup: $(VENV)/.ready
 
 demo: setup
-	$(PY) -m autoresearch_lib train --preset cpu --budget $${BUDGET:-60}
+	$(PY) -m autoresearch_lib loop --workspace $${WORKSPACE:-demo} --preset $${PRESET:-auto} \
+	  --budget $${BUDGET:-$$([ "$$AUTORESEARCH_QUICK" = 1 ] && echo 4 || echo 30)} \
+	  --max-experiments $${EXPERIMENTS:-6}
 
 test: setup
 	$(PY) -m pytest -q tests
