@@ -100,6 +100,7 @@ def cmd_loop(args) -> int:
     from pathlib import Path
 
     path = Path(args.workspace)
+    agent = make_cli_agent(args)  # first: a missing key or edits file must not leave a workspace behind
     if (path / "settings.json").exists():
         ws = Workspace.open(path)
         print(f"resuming {path} ({ws.next_index()} experiments so far, best {ws.best()})")
@@ -109,7 +110,6 @@ def cmd_loop(args) -> int:
                               vocab_size=args.vocab_size)
         print(f"created {path} on branch {ws.branch} (preset {ws.settings.preset}, "
               f"budget {ws.settings.budget:g}s)")
-    agent = make_cli_agent(args)
     from .data import prepare as prepare_data
 
     prepare_data(ws.settings)  # a bad corpus fails here, clearly, before any experiment

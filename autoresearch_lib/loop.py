@@ -68,8 +68,11 @@ class Experiment:
 
 def noise_sigma(rows: list[dict]) -> float:
     """Run-to-run spread of val_bpb, from the baseline's repeated runs (0 if there are none)."""
-    values = [r["val_bpb"] for r in rows
-              if str(r.get("description", "")).startswith(NOISE_PREFIX) and r["val_bpb"]]
+    runs = [r for r in rows if str(r.get("description", "")).startswith(NOISE_PREFIX) and r["val_bpb"]]
+    values = [r["val_bpb"] for r in runs if r["status"] == "discard"]
+    kept = [r["val_bpb"] for r in runs if r["status"] == "keep"]
+    if kept:  # the keep row holds the mean of all the runs: recover the last run's own value
+        values.append(len(runs) * kept[0] - sum(values))
     return statistics.stdev(values) if len(values) >= 2 else 0.0
 
 
@@ -130,7 +133,10 @@ def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
     val = result.val_bpb
     if result.ok and sigma and val < best[1] - z * sigma:  # an apparent win: confirm it once
         again = _train(ws, index, emit, stop, executor)
-        val = (val + again.val_bpb) / 2 if again.ok else float("inf")
+        if again.status == "stopped":
+            return _stopped(ws, index, emit, best, proposal.description)
+        # a crash of the re-run is the experiment's crash (not a discard with val_bpb inf)
+        result, val = (result, (val + again.val_bpb) / 2) if again.ok else (again, None)
     status = "crash" if not result.ok else "keep" if val < best[1] - z * sigma else "discard"
     exp = Experiment(index, commit, proposal.description, status,
                      val if result.ok else None, best[1], result.reason, proposal.diff, result,

@@ -26,6 +26,8 @@ SUMMARY_RE = re.compile(r"^([a-z_A-Z]+):\s+(\S+)\s*$")
 SECRET_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|^OPENAI_|^ANTHROPIC_", re.IGNORECASE)
 OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "MemoryError",
                "DefaultCPUAllocator: can't allocate", "MPS backend out of memory")
+# the last line of a Python error; a SyntaxError in train.py itself comes without a "Traceback"
+ERROR_LINE_RE = re.compile(r"^[\w.]*(Error|Exception)\b")
 
 
 @dataclass
@@ -125,7 +127,7 @@ def classify(log: str, returncode: int | None, summary: dict, timed_out: bool) -
         return "crash", "oom"
     if returncode != 0:
         lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
-        if "Traceback" in tail and lines:
+        if lines and ("Traceback" in tail or ERROR_LINE_RE.match(lines[-1].strip())):
             return "crash", f"exception: {lines[-1].strip()[:200]}"
         return "crash", f"exit code {returncode}"
     if "val_bpb" not in summary:
