@@ -16,7 +16,7 @@ import os
 import pickle
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -31,7 +31,7 @@ SPLIT_PATTERN = (
     r"""\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 DOC_CHARS = 2000  # passages are merged into documents of at most this many characters
-CACHE_VERSION = 1  # bump when the on-disk format changes
+CACHE_VERSION = 2  # bump when the on-disk format changes
 
 # Whole works held out for validation: a tragedy, a comedy, a history and the poems.
 VAL_WORKS = ("hamlet", "twelfth_night", "henry_v", "sonnets")
@@ -208,6 +208,7 @@ class Prepared:
     val_bytes: int
     train_docs: int
     val_docs: int
+    expected_fingerprint: dict = field(default_factory=dict, repr=False)  # as recorded by prepare
 
     @property
     def bytes_per_token(self) -> float:
@@ -224,6 +225,21 @@ class Prepared:
 
     def token_bytes(self) -> np.ndarray:
         return np.load(self.dir / "token_bytes.npy")
+
+    def fingerprint(self) -> dict:
+        """sha256 of the files the metric depends on: validation tokens, tokenizer, byte table."""
+        return {name: hashlib.sha256((self.dir / name).read_bytes()).hexdigest()
+                for name in FINGERPRINTED}
+
+    def verify(self, expected: dict) -> None:
+        """Raise DataError if the metric's files differ from `expected` (a fingerprint)."""
+        changed = [name for name, digest in self.fingerprint().items() if expected.get(name) != digest]
+        if changed:
+            raise DataError(f"the fixed evaluation data changed ({', '.join(changed)} in {self.dir}): "
+                            "val_bpb would not be comparable. Delete that folder and prepare again.")
+
+
+FINGERPRINTED = ("val.npy", "tokenizer.pkl", "token_bytes.npy")
 
 
 def corpus_key(train: list[str], val: list[str], vocab_size: int) -> str:
@@ -263,7 +279,8 @@ def prepare(settings: Settings, verbose: bool = True) -> Prepared:
     out = cache_dir(settings) / f"{settings.dataset}-{settings.vocab_size}-{key}"
     manifest = out / "manifest.json"
     if manifest.exists():
-        return Prepared(dir=out, **json.loads(manifest.read_text()))
+        info = json.loads(manifest.read_text())
+        return Prepared(dir=out, expected_fingerprint=info.pop("fingerprint", {}), **info)
     out.mkdir(parents=True, exist_ok=True)
     if verbose:
         print(f"prepare: training a {settings.vocab_size}-token BPE on {len(train):,} documents ...")
@@ -279,10 +296,12 @@ def prepare(settings: Settings, verbose: bool = True) -> Prepared:
         stats[f"{split}_bytes"] = sum(len(d.encode()) for d in docs)
         stats[f"{split}_docs"] = len(docs)
     info = dict(vocab_size=enc.n_vocab, **stats)
+    prepared = Prepared(dir=out, **info)
+    prepared.expected_fingerprint = info["fingerprint"] = prepared.fingerprint()
     save_atomic(manifest, lambda p: p.write_text(json.dumps(info, indent=2)))  # written last
     if verbose:
         print(f"prepare: {info['train_tokens']:,} train / {info['val_tokens']:,} val tokens in {out}")
-    return Prepared(dir=out, **info)
+    return prepared
 
 
 # ----------------------------------------------------------------------------------------------

@@ -111,6 +111,30 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or exploded; the runner records the run as a crash."""
 
 
+class IntegrityError(RuntimeError):
+    """The run broke a rule the metric depends on (causality, the budget, the data)."""
+
+
+@torch.no_grad()
+def causality_probe(model, row: torch.Tensor, device, autocast=contextlib.nullcontext) -> None:
+    """Change the tokens after position t and check the logits up to t stay the same.
+
+    A model that looks ahead (at the very tokens it must predict) would score a wonderful
+    val_bpb without learning anything; this catches it before it is evaluated.
+    """
+    x = row[None, :-1].to(device)
+    t = x.size(1) // 2
+    other = x.clone()
+    other[:, t + 1:] = torch.randint_like(other[:, t + 1:], 0, int(x.max()) + 1)
+    with autocast():
+        a, b = model(x)[:, :t + 1].float(), model(other)[:, :t + 1].float()
+    scale = a.abs().max().item() + 1e-6
+    if not torch.allclose(a, b, rtol=0, atol=1e-3 * scale):
+        raise IntegrityError(f"non-causal: changing tokens after position {t} changed the logits "
+                             f"at positions up to {t} (by up to {(a - b).abs().max().item():.3g}). "
+                             "A position may only look at itself and earlier tokens.")
+
+
 def setup(settings: Settings | None = None) -> "Run":
     """Read the fixed settings, seed everything, pick device and precision, load the data."""
     return Run(settings or load_settings())
@@ -129,6 +153,9 @@ class Run:
             torch.backends.cudnn.allow_tf32 = True
             torch.cuda.reset_peak_memory_stats(self.device)
         self.data = data.prepare(settings, verbose=False)
+        self.fingerprint = self.data.fingerprint()  # checked again before evaluation
+        if self.data.expected_fingerprint:
+            self.data.verify(self.data.expected_fingerprint)  # as prepare() recorded it
         self.vocab_size = self.data.vocab_size
         self.bos = self.vocab_size - 1
         self.seq_len = settings.seq_len
@@ -182,7 +209,8 @@ class Run:
         self.exclude_steps = exclude_steps if exclude_steps is not None else (
             3 if self.device.type == "cuda" else 1)
         self.peak = peak_flops(self.device)
-        self._t_last = time.time()
+        self._t_last = self.t_begin = time.time()
+        self.excluded_seconds, self.last_dt = 0.0, 0.0
         self._t_printed = 0.0
         self.t_training_start = None  # set once the excluded steps are done
 
@@ -203,10 +231,12 @@ class Run:
         dt, self._t_last = now - self._t_last, now
         self.step += 1
         self.tokens += self.tokens_per_step
+        self.last_dt = dt
         if self.step > self.exclude_steps:
             self.training_seconds += dt
             self.timed_tokens += self.tokens_per_step
-        elif self.step == self.exclude_steps:
+        else:  # compilation and warm-up: not on the budget
+            self.excluded_seconds += dt
             self.t_training_start = now
         if not math.isfinite(loss) or loss > 100:
             print(f"FAIL: training diverged, loss={loss} at step {self.step}", flush=True)
@@ -250,9 +280,27 @@ class Run:
             return torch.mps.driver_allocated_memory() / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: peak RSS
 
+    def check_clock(self) -> None:
+        """The harness measured the training time; refuse a run that trained past the budget."""
+        budget = self.settings.budget
+        if self.training_seconds > budget + self.last_dt + 0.01 * budget:  # one step may cross it
+            raise IntegrityError(f"trained {self.training_seconds:.1f}s, past the {budget:g}s budget: "
+                                 "train.py must stop when run.done is True.")
+        outside = time.time() - self.t_begin - self.training_seconds - self.excluded_seconds
+        if outside > 0.1 * budget + 10:
+            raise IntegrityError(f"{outside:.0f}s passed between training steps without "
+                                 "run.step_done(): all training must be on the harness's clock.")
+
     def finish(self, model, config=None, eval_batch_size: int = 32) -> float:
-        """Evaluate, print upstream's summary block, save a checkpoint if asked. Returns val_bpb."""
+        """Check the rules, evaluate, print upstream's summary block, save a checkpoint if asked."""
         model.eval()
+        try:
+            self.check_clock()
+            self.data.verify(self.fingerprint)
+            causality_probe(model, self.eval_rows()[0], self.device, self.autocast)
+        except (IntegrityError, data.DataError) as e:
+            print(f"FAIL: {e}", flush=True)
+            raise
         val_bpb = self.evaluate(model, eval_batch_size)
         t_end = time.time()
         startup = (self.t_training_start or t_end) - T_PROCESS_START

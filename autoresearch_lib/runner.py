@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import data
 from .config import Settings
 
 PROGRESS_RE = re.compile(r"^step (\d+) \(([\d.]+)%\) \| (.*)$")
@@ -123,6 +124,12 @@ def classify(log: str, returncode: int | None, summary: dict, timed_out: bool) -
         return "crash", "timeout"
     if "FAIL: training diverged" in tail or "TrainingDiverged" in tail:
         return "crash", "nan"
+    if "FAIL: non-causal" in tail:
+        return "crash", "non-causal"
+    for marker, reason in (("past the", "over budget"), ("without run.step_done", "off the clock"),
+                           ("evaluation data changed", "data changed")):
+        if "FAIL: " in tail and marker in tail:
+            return "crash", reason
     if any(marker in tail for marker in OOM_MARKERS) or returncode == -signal.SIGKILL:
         return "crash", "oom"
     if returncode != 0:
@@ -181,6 +188,8 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
     settings.to_json(run_dir / "settings.json")
     log_path = run_dir / "run.log"
     timeout = timeout or default_timeout(settings)
+    prepared = data.prepare(settings, verbose=False)
+    fingerprint = prepared.fingerprint()  # checked again after the run, from outside it
     env = clean_env({"AUTORESEARCH_SETTINGS": str(run_dir / "settings.json")})
     result = TrainResult(run_dir=str(run_dir), log_path=str(log_path))
     t0 = time.time()
@@ -210,7 +219,10 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
             if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): take the group down
                 kill_group(proc)
     timed_out = not (stop and stop.is_set()) and time.time() - t0 >= timeout
-    return _finish(result, log_path, proc.returncode, time.time() - t0, timed_out, stop, settings)
+    result = _finish(result, log_path, proc.returncode, time.time() - t0, timed_out, stop, settings)
+    if result.ok and prepared.fingerprint() != fingerprint:
+        result.status, result.reason, result.val_bpb = "crash", "data changed", None
+    return result
 
 
 def _watch_stop(proc: subprocess.Popen, stop: threading.Event | None) -> None:
