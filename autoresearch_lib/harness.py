@@ -22,6 +22,7 @@ import os
 import pickle
 import resource
 import sys
+import threading
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from . import data
 from .config import Settings, make_settings
 
 SETTINGS_ENV = "AUTORESEARCH_SETTINGS"  # path of the settings.json the runner wrote
+RUNNER_ENV = "AUTORESEARCH_RUNNER"  # set when the runner started this process
 # when the experiment's process started: the runner passes it; else the harness's import time
 T_PROCESS_START = float(os.environ.get("AUTORESEARCH_T0", time.time()))
 
@@ -137,7 +139,21 @@ def causality_probe(model, row: torch.Tensor, device, autocast=contextlib.nullco
 
 def setup(settings: Settings | None = None) -> "Run":
     """Read the fixed settings, seed everything, pick device and precision, load the data."""
+    if os.environ.get(RUNNER_ENV):
+        watch_parent()
     return Run(settings or load_settings())
+
+
+def watch_parent() -> None:
+    """Exit if the runner that started us dies (e.g. the loop was SIGKILLed): no orphan runs."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class Run:
@@ -329,6 +345,10 @@ class Run:
         sys.stdout.flush()
         if self.settings.checkpoint:
             save_checkpoint(self.settings.checkpoint, model, config, self.settings, val_bpb)
+        if os.environ.get(RUNNER_ENV):  # a child of the runner: skip the slow interpreter teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return val_bpb
 
 

@@ -194,6 +194,7 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
     result = TrainResult(run_dir=str(run_dir), log_path=str(log_path))
     t0 = time.time()
     env["AUTORESEARCH_T0"] = repr(t0)  # so start-up includes the interpreter and torch import
+    env["AUTORESEARCH_RUNNER"] = "1"  # the harness exits fast, and with us if we die
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "train.py"], cwd=run_dir, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
