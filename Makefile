@@ -17,7 +17,8 @@ demo: setup
 	  --max-experiments $${EXPERIMENTS:-6}
 
 test: setup
-	$(PY) -m pytest -q tests
+	AUTORESEARCH_QUICK=1 $(PY) -m pytest -q tests notebooks \
+	  --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 bench: setup
 	$(PY) bench/bench_cpu.py
