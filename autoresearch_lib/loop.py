@@ -12,6 +12,14 @@ The order of the steps makes a kill at any instant safe: the row is written befo
 and `Workspace.open` undoes a commit that has no `keep` row. So resuming is simply
 `loop.run(Workspace.open(path), agent)`.
 
+Faults. A proposal that fails - the agent's ProposalError, an unusable Proposal, or any other
+exception raised inside `agent.propose` (a bug in an agent must not end an unattended night) - is
+a crash row "proposal: ..." and the loop goes on; only unexpected errors three times in a
+row stop it (LoopError), as does Ctrl-C. A full or read-only disk stops the loop with a
+WorkspaceError saying what to do; resuming afterwards is the usual `Workspace.open`. Text the
+loop writes (results.tsv, events) has the values of secret-looking environment variables
+replaced by <redacted>.
+
 Noise-aware mode (`noise_runs=k`): the baseline is trained k times to estimate the run-to-run
 spread σ of val_bpb; afterwards a change is kept only if it beats the best by more than z·σ,
 and an apparent win is confirmed by one re-run (the two are averaged).
@@ -19,17 +27,27 @@ and an apparent win is confirmed by one re-run (the two are averaged).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
 import statistics
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .agents import Proposal, ProposalError, State
 from .runner import TrainResult, run_training
-from .workspace import Workspace
+from .workspace import Workspace, one_line, storage_error
 
+log = logging.getLogger(__name__)
 NOISE_PREFIX = "baseline noise run"
+AGENT_ERROR = "agent error: "  # a proposal that failed with an unexpected exception
+MAX_AGENT_ERRORS = 3  # that many in a row: the agent is broken, not unlucky
+# environment variables whose values never appear in what the loop records
+SECRET_NAME_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
 class LoopError(RuntimeError):
@@ -80,7 +98,7 @@ def step(ws: Workspace, agent, on_event: Callable[[Event], None] | None = None,
          stop: threading.Event | None = None, noise_runs: int = 0, z: float = 2.0,
          executor=run_training) -> Experiment:
     """Run exactly one experiment (the baseline if none ran yet) and record it."""
-    with ws.lock():
+    with _holding(ws):
         return _step(ws, agent, on_event or (lambda e: None), stop, noise_runs, z, executor)
 
 
@@ -90,7 +108,7 @@ def run(ws: Workspace, agent, max_experiments: int | None = None,
     """Run experiments until `max_experiments` are done (None: forever) or `stop` is set."""
     emit = on_event or (lambda e: None)
     done: list[Experiment] = []
-    with ws.lock():
+    with _holding(ws):
         while max_experiments is None or len(done) < max_experiments:
             if stop is not None and stop.is_set():
                 break
@@ -99,6 +117,24 @@ def run(ws: Workspace, agent, max_experiments: int | None = None,
                 break
             done.append(exp)
     return done
+
+
+@contextlib.contextmanager
+def _holding(ws: Workspace):
+    """Hold the workspace's lock; a full or read-only disk becomes a WorkspaceError saying what to do."""
+    try:
+        with ws.lock():
+            yield
+    except OSError as e:
+        raise storage_error(e, ws.path) or e
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every secret-looking environment variable replaced by <redacted>."""
+    for name, value in os.environ.items():
+        if SECRET_NAME_RE.search(name) and len(value) >= 8:
+            text = text.replace(value, "<redacted>")
+    return text
 
 
 def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
@@ -115,12 +151,13 @@ def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
         return _baseline(ws, index, emit, stop, executor, noise_runs, noise_done, t0)
     if ws.head() != best[0][:7]:
         ws.reset_to(best[0])
+    state = _state(ws, rows, best, index)
     try:
-        proposal = agent.propose(_state(ws, rows, best, index))
+        proposal = _usable(agent.propose(state))
     except ProposalError as e:
-        return _record(ws, index, emit, Experiment(index, ws.head(), f"proposal failed: {e}"[:200],
-                       "crash", best_before=best[1], reason=f"proposal: {e}"[:300], seconds=time.time() - t0),
-                       best, agent_name=getattr(agent, "name", "?"))
+        return _no_proposal(ws, index, emit, best, agent, t0, str(e))
+    except Exception as e:  # a bug in the agent; KeyboardInterrupt and SystemExit still stop us
+        return _agent_error(ws, index, emit, best, agent, t0, e)
     if stop is not None and stop.is_set():
         return _stopped(ws, index, emit, best, proposal.description)
     commit = ws.commit(proposal.description, proposal.train_py)
@@ -142,6 +179,48 @@ def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
                      val if result.ok else None, best[1], result.reason, proposal.diff, result,
                      time.time() - t0)
     return _record(ws, index, emit, exp, best, getattr(agent, "name", "?"), proposal)
+
+
+def _usable(proposal) -> Proposal:
+    """The agent's proposal with a clean one-line description, or ProposalError saying why not."""
+    if not isinstance(proposal, Proposal):
+        raise ProposalError(f"the agent returned {type(proposal).__name__}, not a Proposal")
+    if not isinstance(proposal.train_py, str):
+        raise ProposalError(f"the agent's proposal holds train.py as "
+                            f"{type(proposal.train_py).__name__}, not text")
+    try:
+        proposal.train_py.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ProposalError(f"the new train.py is not valid text ({e.reason} at character "
+                            f"{e.start}): it can't be saved") from None
+    proposal.description = redact(" ".join(one_line(str(proposal.description)).split())) or "experiment"
+    if not isinstance(proposal.usage, dict):
+        proposal.usage = {}
+    return proposal
+
+
+def _no_proposal(ws, index, emit, best, agent, t0, problem: str) -> Experiment:
+    """Record a failed proposal as a crash row (nothing was committed) and move on."""
+    problem = redact(problem)
+    exp = Experiment(index, ws.head(), f"proposal failed: {problem}"[:200], "crash",
+                     best_before=best[1], reason=f"proposal: {problem}"[:300], seconds=time.time() - t0)
+    return _record(ws, index, emit, exp, best, agent_name=getattr(agent, "name", "?"))
+
+
+def _agent_error(ws, index, emit, best, agent, t0, error: Exception) -> Experiment:
+    """An unexpected exception in agent.propose: a crash row, unless it keeps happening."""
+    name = getattr(agent, "name", "?")
+    problem = f"{AGENT_ERROR}{type(error).__name__}: {error}"
+    log.warning("agent %s raised an unexpected error:\n%s", name, redact(traceback.format_exc()))
+    exp = _no_proposal(ws, index, emit, best, agent, t0, problem)
+    recent = [r["reason"] for r in ws.results()[-MAX_AGENT_ERRORS:]]
+    if len(recent) == MAX_AGENT_ERRORS and all(r.startswith(f"proposal: {AGENT_ERROR}") for r in recent):
+        raise LoopError(f"the agent {name!r} failed with an unexpected error {MAX_AGENT_ERRORS} times "
+                        f"in a row, the last: {redact(problem)[:300]}. That is a bug in the agent "
+                        "or its set-up (e.g. a base_url that serves a web page, not an API), not a "
+                        "bad proposal: fix it, then resume. Each failure is a crash row in "
+                        "results.tsv and its traceback was logged as a warning.") from None
+    return exp
 
 
 def _baseline(ws, index, emit, stop, executor, noise_runs, noise_done, t0) -> Experiment:

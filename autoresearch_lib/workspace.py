@@ -22,12 +22,19 @@ Colab). `Workspace.open` puts the folder back in a consistent state:
   also drops other uncommitted edits of tracked files, program.md included: commit those.
 Each repair is listed in `ws.repairs` and reported as a warning. Nothing is repaired while
 another loop holds the workspace lock: what looks unfinished there is still in progress.
+
+Confinement and storage. train.py must be a regular file inside the folder: a symlink (or a
+directory) in its place is refused, never read or written through, and `Workspace.open` puts
+the committed file back. A write that fails for lack of space or permission raises a
+WorkspaceError that says what happened and what to do; train.py is replaced atomically and a
+half-appended row is cut off again, so the folder stays one that `open` can resume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import os
 import re
 import subprocess
@@ -48,6 +55,7 @@ RESULTS_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "t
 UPSTREAM_COLUMNS = RESULTS_COLUMNS[:5]  # what karpathy/autoresearch writes and its tools read
 STATUSES = ("keep", "discard", "crash")
 TRACKED = ["train.py", "program.md", "settings.json", ".gitignore"]
+TMP_TRAIN_PY = ".train.py.tmp"  # the new train.py until it is renamed over the old one
 GITIGNORE = "results.tsv\nlogs/\nruns/\n*.pt\n.lock\n"
 MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()
 
@@ -74,6 +82,52 @@ class ResultsError(ValueError):
     """A line of results.tsv can't be read; the message names the file and the line."""
 
 
+# what a failed write means, and what to do about it
+_STORAGE_ADVICE = {
+    errno.ENOSPC: ("the disk is full", "free some space (old runs/ folders and checkpoints can go)"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space or ask for a larger quota"),
+    errno.EFBIG: ("a file hit the size limit (ulimit -f) or the disk is full",
+                  "raise the limit or free some space"),
+    errno.EROFS: ("the file system is read-only",
+                  "remount it writable, or copy the workspace to a writable disk"),
+    errno.EACCES: ("permission was denied",
+                   "make the workspace writable (chmod -R u+w) or run as its owner"),
+    errno.EPERM: ("the operation is not permitted",
+                  "make the workspace writable (chmod -R u+w) or run as its owner"),
+    errno.EIO: ("an input/output error: the disk may be failing", "check the disk"),
+}
+
+
+def _resume(path) -> str:
+    return (f"Then resume with loop.run(Workspace.open({str(path)!r}), agent) (or the same `loop` "
+            "command): results.tsv holds only whole rows, and an unfinished experiment is undone.")
+
+
+def storage_error(err: OSError, path, file=None) -> WorkspaceError | None:
+    """A clear WorkspaceError for a write that failed for lack of space or permission, else None.
+
+    `path` is the workspace, `file` the one being written (if `err` does not name it). The
+    error's __cause__ is `err`, so a traceback still shows the system's own words.
+    """
+    if err.errno not in _STORAGE_ADVICE:
+        return None
+    what, todo = _STORAGE_ADVICE[err.errno]
+    file = err.filename or file
+    where = f" ({file})" if file else ""
+    error = WorkspaceError(f"Could not write to the workspace {path}: {what}{where}. "
+                           f"{todo[0].upper()}{todo[1:]}. {_resume(path)}")
+    error.__cause__ = err
+    return error
+
+
+def _storage_hint(said: str, path) -> str:
+    """What to do, when git's own message says it ran out of space or permission."""
+    for code, (what, todo) in _STORAGE_ADVICE.items():
+        if os.strerror(code) in said:
+            return f"\nThat means {what}: {todo}. {_resume(path)}"
+    return ""
+
+
 def default_tag(today: dt.date | None = None) -> str:
     """Today's date the way upstream names its runs: 'nov27', 'mar5'."""
     today = today or dt.date.today()
@@ -92,7 +146,8 @@ def _git(cwd: Path, *args: str) -> str:
                              "git) and try again") from None
     except subprocess.CalledProcessError as e:
         said = (e.stderr or e.stdout).strip()
-        raise WorkspaceError(f"`git {' '.join(args)}` failed in {cwd}:\n{said}") from e
+        raise WorkspaceError(f"`git {' '.join(args)}` failed in {cwd}:\n{said}"
+                             + _storage_hint(said, cwd)) from e
     return done.stdout
 
 
@@ -107,8 +162,14 @@ def _cell(name: str, value) -> str:
     if name in _FORMATS and isinstance(value, (int, float)):
         return _FORMATS[name].format(value)
     # a tab or newline would split the row; a leading double quote makes pandas read on
-    # across the following lines, so upstream's analysis notebook would see one row
-    return re.sub(r"[\t\r\n]", " ", str(value)).replace('"', "'")
+    # across the following lines, so upstream's analysis notebook would see one row; other
+    # control characters and lone surrogates (which UTF-8 can't store) become spaces too
+    return one_line(str(value)).replace('"', "'")
+
+
+def one_line(text: str) -> str:
+    """`text` without control characters or lone surrogates: safe as a TSV cell or git message."""
+    return re.sub(r"[\x00-\x1f\x7f\ud800-\udfff]", " ", text)
 
 
 def _format_row(row: dict, columns: list[str]) -> str:
@@ -155,7 +216,14 @@ def _read_results(path: Path) -> list[dict]:
     """Every row of a results.tsv: ours, or upstream's with only the first five columns."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").split("\n")
+    data = path.read_bytes()
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        number = data[: e.start].count(b"\n") + 1
+        raise ResultsError(f"{path}, line {number}: not UTF-8 text (byte {data[e.start]:#04x}); the "
+                           "file was damaged or edited with another encoding. Fix or delete that "
+                           "line, then try again.") from None
     header = lines[0].split("\t")
     if header[:5] != UPSTREAM_COLUMNS:
         raise ResultsError(f"{path}, line 1: the header should start with the tab-separated "
@@ -221,6 +289,13 @@ class Workspace:
                 ws._recover()
         except WorkspaceLocked:
             pass  # a live loop owns the folder: what looks unfinished is in progress
+        except WorkspaceError as e:
+            if not isinstance(e.__cause__, OSError) or e.__cause__.errno not in _STORAGE_ADVICE:
+                raise
+            # e.g. a read-only copy: it can still be read and reported; a loop will say why not
+            warnings.warn(f"workspace opened without checking for repairs: {e}", stacklevel=2)
+        except OSError as e:  # a repair could not be written
+            raise storage_error(e, ws.path) or e
         return ws
 
     def _check_can_create(self) -> None:
@@ -275,7 +350,22 @@ class Workspace:
 
     @property
     def train_py(self) -> str:
-        return (self.path / "train.py").read_text(encoding="utf-8")
+        return self._train_py_path().read_text(encoding="utf-8")
+
+    def _train_py_path(self) -> Path:
+        """train.py, after checking it is a regular file of this folder (not a link out of it)."""
+        path = self.path / "train.py"
+        if path.is_symlink():
+            kind = f"a symlink (to {os.readlink(path)})"
+        elif path.exists() and not path.is_file():
+            kind = "a directory" if path.is_dir() else "a special file"
+        else:
+            return path  # a regular file, or missing (commit writes it; open restores it)
+        raise WorkspaceError(
+            f"{path} is {kind}, not a regular file: the loop only reads and writes the "
+            "workspace's own train.py, never through a link or into another place. Something "
+            "other than the loop replaced it (a training script can: it runs with your rights). "
+            f"Workspace.open({str(self.path)!r}) puts the committed train.py back.")
 
     @property
     def program(self) -> str:
@@ -301,12 +391,37 @@ class Workspace:
     # ------------------------------------------------------------ git: one experiment at a time
 
     def commit(self, message: str, train_py_text: str) -> str:
-        """Write train.py and commit it (nothing else); returns the short commit id."""
-        (self.path / "train.py").write_text(train_py_text, encoding="utf-8")
-        # --allow-empty: an unchanged proposal still gets its own commit and results row;
-        # --no-verify: the user's git hooks have no say in an experiment
-        self._git("commit", "-q", "--no-verify", "--allow-empty", "-m", message or "experiment",
-                  "--", "train.py")
+        """Write train.py and commit it (nothing else); returns the short commit id.
+
+        Either both happen or train.py is left as it was: the new text is written to a temporary
+        file and renamed over train.py (so a full disk can't leave half a file), and put back
+        from HEAD if git then fails.
+        """
+        path = self._train_py_path()
+        message = " ".join(one_line(message or "").split()) or "experiment"  # no NUL for git
+        try:
+            data = train_py_text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise WorkspaceError(f"the new train.py can't be saved as UTF-8 text: {e}") from None
+        tmp = path.with_name(TMP_TRAIN_PY)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            with open(tmp, "xb") as f:  # "x": a new file, so nothing is written through a link
+                f.write(data)
+            os.replace(tmp, path)  # replaces the name train.py, whatever it pointed to
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise storage_error(e, self.path, path) or e
+        try:
+            # --allow-empty: an unchanged proposal still gets its own commit and results row;
+            # --no-verify: the user's git hooks have no say in an experiment
+            self._git("commit", "-q", "--no-verify", "--allow-empty", "-m", message, "--", "train.py")
+        except WorkspaceError:
+            with contextlib.suppress(WorkspaceError):
+                self._git("checkout", "HEAD", "--", "train.py")  # as it was before
+            raise
         return self.head()
 
     def reset_to(self, commit: str) -> None:
@@ -328,10 +443,16 @@ class Workspace:
         with open(self.results_path, encoding="utf-8") as f:
             columns = f.readline().rstrip("\n").split("\t")  # upstream's file keeps its five
         line = _format_row(row, columns)
-        with open(self.results_path, "a", encoding="utf-8", newline="\n") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())  # a row we reported must survive a power cut or a kill
+        size = self.results_path.stat().st_size
+        try:
+            with open(self.results_path, "a", encoding="utf-8", newline="\n") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())  # a row we reported must survive a power cut or a kill
+        except OSError as e:
+            with contextlib.suppress(OSError):  # no half row for the next reader (open() also
+                os.truncate(self.results_path, size)  # drops one, should this fail too)
+            raise storage_error(e, self.path, self.results_path) or e
 
     def results(self) -> list[dict]:
         """Every row of results.tsv, numbers as numbers, missing extras as None."""
@@ -362,7 +483,10 @@ class Workspace:
             warnings.warn("no fcntl on this system: two loops on one workspace are not prevented")
             yield self
             return
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by runs
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by runs
+        except OSError as e:
+            raise storage_error(e, self.path) or e
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -393,6 +517,8 @@ class Workspace:
         if stale.exists():  # git was killed mid-commit; we hold the lock, so no git is running
             stale.unlink()
             self._note("removed .git/index.lock left by a git command that was killed")
+        with contextlib.suppress(FileNotFoundError):  # left if killed before the rename
+            (self.path / TMP_TRAIN_PY).unlink()
         self._note(_repair_results(self.results_path))
         head = self.head()
         # without results.tsv (a fresh clone) there is no record to judge HEAD by
