@@ -1,0 +1,303 @@
+"""The notebook dashboard, driven headlessly: buttons → loop state → widgets.
+
+Most tests inject a fake executor (no training, milliseconds per experiment); one test trains
+for real in quick mode, then stops a second run half-way.
+"""
+
+import html
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from autoresearch_lib import loop
+from autoresearch_lib.agents import ScriptedAgent
+from autoresearch_lib.agents.offline import read_constants
+from autoresearch_lib.runner import Progress, TrainResult
+from autoresearch_lib.widgets import (AWAITING, IDLE, RUNNING, STOPPING, Dashboard, diff_html,
+                                      results_html)
+from autoresearch_lib.workspace import Workspace, _git
+
+KEY = "sk-test-Zq8Secret-do-not-show-1234567890"
+
+
+class FakeExecutor:
+    """Stands in for runner.run_training: val_bpb from MATRIX_LR (best at 0.03), no training.
+
+    With `gate` set, each run waits for it (or for stop) like a long training run would.
+    """
+
+    def __init__(self, gate: threading.Event | None = None, crash: bool = False):
+        self.gate, self.crash, self.calls = gate, crash, 0
+
+    def __call__(self, script_text, settings, run_dir, on_progress=None, on_line=None,
+                 stop=None, timeout=None):
+        self.calls += 1
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = run_dir / "run.log"
+        log.write_text(f"fake run {self.calls}\n")
+        on_line(f"fake run {self.calls}: training")
+        on_progress(Progress(step=1, percent=50.0, loss=3.0, remaining=1.0))
+        while self.gate is not None and not self.gate.wait(0.05):
+            if stop is not None and stop.is_set():
+                return TrainResult(status="stopped", reason="stopped by the user", log_path=str(log))
+        if self.crash:
+            return TrainResult(status="crash", reason="exception: boom", log_path=str(log))
+        val = 2.0 + abs(read_constants(script_text)["MATRIX_LR"] - 0.03)
+        on_line(f"val_bpb: {val:.6f}")
+        return TrainResult(status="ok", val_bpb=val, peak_vram_mb=512, log_path=str(log),
+                           run_dir=str(run_dir))
+
+
+def until(condition, timeout=10.0):
+    """Poll `condition` until it holds; fail the test if it doesn't within `timeout` seconds."""
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, "timed out waiting"
+        time.sleep(0.02)
+
+
+def buttons(d: Dashboard) -> dict:
+    """Which buttons can be clicked now."""
+    return {b.description: not b.disabled for b in (d.start_button, d.stop_button, d.step_button,
+                                                    d.accept_button, d.reject_button)}
+
+
+def clean(ws: Workspace) -> bool:
+    """No uncommitted change to tracked files, and HEAD is the best kept commit."""
+    return not _git(ws.path, "status", "--porcelain", "--untracked-files=no").strip() \
+        and ws.head() == ws.best()[0]
+
+
+@pytest.fixture
+def ws(tmp_path, cache):
+    return Workspace.create(tmp_path / "ws", preset="quick")
+
+
+def test_step_runs_exactly_one_experiment_and_updates_the_views(ws):
+    d = Dashboard(ws, executor=FakeExecutor())
+    assert d.state == IDLE and buttons(d) == {"Start": True, "Stop": False, "Step": True,
+                                              "Accept": False, "Reject": False}
+    assert "results.tsv is empty" in d.table.value
+    chart, status = d.chart.value, d.status.value
+    assert d.step() and d.wait(10)
+    assert d.state == IDLE and d.error is None and len(ws.results()) == 1
+    assert [e.description for e in d.experiments] == ["baseline"]
+    assert d.last_event.kind == "decision" and d.last_event.data["status"] == "keep"
+    assert "baseline" in d.table.value and "keep" in d.table.value
+    assert d.chart.value != chart and d.chart.value[:4] == b"\x89PNG"
+    assert d.status.value != status and "1 experiment, 1 kept" in d.status.value
+    assert "fake run 1" in d.log_tail.value and d.progress.value == 100
+    assert buttons(d)["Start"] and buttons(d)["Step"] and not buttons(d)["Stop"]
+    assert d.budget.disabled  # fixed once the baseline ran
+
+
+def test_start_runs_until_max_experiments_with_the_offline_agent(ws):
+    d = Dashboard(ws, executor=FakeExecutor())
+    assert d.start(max_experiments=3) and d.wait(20)
+    rows = ws.results()
+    assert len(rows) == 3 and rows[0]["description"] == "baseline" and d.error is None
+    assert [r["agent"] for r in rows] == ["baseline", "offline", "offline"]
+    assert d.max_experiments.value == 3 and len(d.experiments) == 3 and clean(ws)
+    assert "<pre" in d.diff.value and "-&gt;" in d.diff.value  # the last proposal's diff, escaped
+
+
+def test_buttons_follow_the_state_and_stop_undoes_the_unfinished_experiment(ws):
+    gate = threading.Event()
+    d = Dashboard(ws, executor=FakeExecutor(gate))
+    assert d.step()
+    assert d.state == RUNNING and not d.step() and not d.start()  # one run at a time
+    assert buttons(d) == {"Start": False, "Stop": True, "Step": False, "Accept": False, "Reject": False}
+    assert d.agent_choice.disabled and d.max_experiments.disabled and d.budget.disabled
+    gate.set()
+    assert d.wait(10) and len(ws.results()) == 1
+    gate.clear()
+    d.start(max_experiments=5)
+    until(lambda: d.last_event.kind == "progress" and d.last_event.index == 1)
+    assert d.stop() and d.state == STOPPING and not buttons(d)["Stop"]
+    t0 = time.time()
+    assert d.wait(5) and time.time() - t0 < 2
+    assert d.state == IDLE and "stopped" in d.status.value and d.error is None
+    assert len(ws.results()) == 1 and clean(ws)  # not recorded, and undone
+    assert Workspace.open(ws.path).repairs == []
+    gate.set()  # Start after Stop resumes where the loop was
+    assert d.start(max_experiments=2) and d.wait(10)
+    assert len(ws.results()) == 3 and clean(ws)
+
+
+def test_approval_reject_records_a_failed_proposal_and_approve_runs_it(ws):
+    d = Dashboard(ws, executor=FakeExecutor())
+    d.step()
+    d.wait(10)
+    d.approval.value = True
+    assert d.approval_box.layout.display == ""
+    assert d.step()
+    until(lambda: d.state == AWAITING)
+    assert buttons(d) == {"Start": False, "Stop": True, "Step": False, "Accept": True, "Reject": True}
+    suggestion = d.approval_note.value
+    assert "experiment #1" in suggestion and "<pre" in d.diff.value
+    head = ws.head()
+    assert d.reject() and d.wait(10)
+    row = ws.results()[-1]
+    assert row["status"] == "crash" and "rejected by the instructor" in row["description"]
+    assert row["agent"] == "human" and ws.head() == head and d.state == IDLE
+    assert d.step()
+    until(lambda: d.state == AWAITING)
+    suggestion = d.approval_note.value
+    assert d.approve() and d.wait(10)
+    row = ws.results()[-1]
+    assert row["status"] in ("keep", "discard") and row["description"] in html.unescape(suggestion)
+    assert not d.approve() and not d.reject()  # nothing is waiting now
+
+
+def test_stop_while_awaiting_approval_records_nothing(ws):
+    d = Dashboard(ws, executor=FakeExecutor())
+    d.step()
+    d.wait(10)
+    d.approval.value = True
+    d.start(max_experiments=3)
+    until(lambda: d.state == AWAITING)
+    assert d.stop() and d.wait(5)
+    assert d.state == IDLE and len(ws.results()) == 1 and clean(ws)
+
+
+def test_scripted_agent_from_the_chooser_and_a_bad_edits_list(ws):
+    d = Dashboard(ws, executor=FakeExecutor())
+    d.agent_choice.value = "scripted"
+    assert d.edits.layout.display == "" and d.openai_box.layout.display == "none"
+    d.edits.value = "not json"
+    assert not d.start() and d.state == IDLE and isinstance(d.error, ValueError)
+    assert "can't start" in d.status.value
+    d.edits.value = json.dumps([["MATRIX_LR = 0.03", {"MATRIX_LR": 0.03}], ["DEPTH = 3", {"DEPTH": 3}]])
+    assert d.start(max_experiments=3) and d.wait(10)
+    rows = ws.results()
+    assert [r["description"] for r in rows] == ["baseline", "MATRIX_LR = 0.03", "DEPTH = 3"]
+    assert rows[1]["status"] == "keep"  # the fake's optimum
+
+
+def test_a_given_agent_is_the_default_choice(ws):
+    agent = ScriptedAgent([("MATRIX_LR = 0.01", {"MATRIX_LR": 0.01})])
+    d = Dashboard(ws, agent=agent, executor=FakeExecutor())
+    assert d.agent_choice.value == "given"
+    d.start(max_experiments=2)
+    d.wait(10)
+    assert ws.results()[1]["description"] == "MATRIX_LR = 0.01" and agent.remaining == 0
+
+
+def test_budget_can_change_until_the_baseline_runs(ws):
+    d = Dashboard(ws, executor=FakeExecutor())
+    d.budget.value = 7
+    d.step()
+    d.wait(10)
+    assert ws.settings.budget == 7 and clean(ws)
+    assert _git(ws.path, "rev-list", "--count", "HEAD").strip() == "1"  # the baseline, amended
+    assert d.budget.disabled
+
+
+def test_a_crashed_baseline_stops_the_loop_with_a_message(ws):
+    d = Dashboard(ws, executor=FakeExecutor(crash=True))
+    d.step()
+    d.wait(10)
+    assert ws.results()[0]["status"] == "crash" and d.error is None
+    d.step()
+    d.wait(10)
+    assert isinstance(d.error, loop.LoopError) and "baseline crashed" in d.status.value
+    assert d.state == IDLE and buttons(d)["Step"]
+
+
+def test_diff_and_results_html_escape_what_they_show():
+    shown = diff_html("<b>x</b>", "--- a/train.py\n+++ b/train.py\n-A = '<1>'\n+A = '<2>'")
+    assert "&lt;b&gt;x&lt;/b&gt;" in shown and "<1>" not in shown
+    assert shown.count("#ffebe9") == 1 and shown.count("#e6ffec") == 1  # --- / +++ not coloured
+    rows = [dict(commit=f"c{i}", val_bpb=2.0, memory_gb=0.0, status="discard",
+                 description="<script>") for i in range(15)]
+    table = results_html(rows)
+    assert "<script>" not in table and "5 earlier rows not shown" in table and "c14" in table
+
+
+# ---------------------------------------------------------------- the API key
+
+class FakeLLM(ThreadingHTTPServer):
+    """A chat-completions server on 127.0.0.1 that proposes one edit and notes the auth header."""
+
+    def __init__(self):
+        self.auth = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                server.auth.append(self.headers.get("Authorization"))
+                reply = ("Raise the matrix learning rate\ntrain.py\n<<<<<<< SEARCH\nMATRIX_LR = 0.02\n"
+                         "=======\nMATRIX_LR = 0.03\n>>>>>>> REPLACE\n")
+                body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": reply}}],
+                                   "usage": {"prompt_tokens": 9, "completion_tokens": 3,
+                                             "total_tokens": 12}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+
+def widget_texts():
+    """The state of every live widget, as the frontend (and a saved notebook) would get it."""
+    from ipywidgets.widgets.widget import _instances
+
+    return [str(widget.get_state()) for widget in list(_instances.values())]
+
+
+def test_the_api_key_is_used_but_never_shown_saved_or_logged(ws, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server = FakeLLM()
+    try:
+        d = Dashboard(ws, executor=FakeExecutor())
+        d.agent_choice.value = "openai"
+        assert d.openai_box.layout.display == "" and not d.key_from_env.value
+        assert not d.start() and "No API key" in d.status.value  # none typed, none in the env
+        d.base_url.value = f"http://127.0.0.1:{server.server_port}/v1"
+        d.model.value = "fake-model"
+        d.api_key.value = KEY
+        assert d.start(max_experiments=2) and d.wait(20)
+    finally:
+        server.shutdown()
+        server.server_close()
+    rows = ws.results()
+    assert rows[1]["description"] == "Raise the matrix learning rate" and rows[1]["agent"] == "openai"
+    assert server.auth == [f"Bearer {KEY}"]  # the key was used ...
+    assert d.api_key.value == ""  # ... and taken out of the widget
+    seen = widget_texts() + [repr(d.widget), str(d.widget._repr_mimebundle_()), repr(d._agent)]
+    seen += [p.read_text(errors="replace") for p in ws.path.rglob("*")
+             if p.is_file() and ".git" not in p.parts]
+    assert not [text for text in seen if KEY in text]
+
+
+# ---------------------------------------------------------------- for real, in quick mode
+
+@pytest.mark.slow
+def test_a_real_step_then_a_real_stop(ws):
+    d = Dashboard(ws)
+    chart = d.chart.value
+    assert d.step() and d.wait(120)
+    assert d.error is None and [r["description"] for r in ws.results()] == ["baseline"]
+    assert ws.results()[0]["status"] == "keep" and "baseline" in d.table.value
+    assert d.chart.value != chart and "val_bpb" in d.log_tail.value
+    d.start(max_experiments=3)
+    until(lambda: d.last_event.kind == "progress" and d.last_event.index == 1, timeout=120)
+    t0 = time.time()
+    assert d.stop() and d.wait(15)
+    assert time.time() - t0 < 8, "Stop should end the training process within seconds"
+    assert d.state == IDLE and d.error is None and len(ws.results()) == 1 and clean(ws)
+    assert Workspace.open(ws.path).repairs == []
