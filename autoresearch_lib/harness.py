@@ -35,6 +35,8 @@ from .config import Settings, make_settings
 
 SETTINGS_ENV = "AUTORESEARCH_SETTINGS"  # path of the settings.json the runner wrote
 RUNNER_ENV = "AUTORESEARCH_RUNNER"  # set when the runner started this process
+# the runner's secret id for this run, taken out of the environment before train.py runs
+_RUN_ID = os.environ.pop("AUTORESEARCH_RUN_ID", "")
 # when the experiment's process started: the runner passes it; else the harness's import time
 T_PROCESS_START = float(os.environ.get("AUTORESEARCH_T0", time.time()))
 
@@ -339,10 +341,11 @@ class Run:
             "device": self.device_name.replace(" ", "_"),
             "precision": self.precision,
         }
-        print("---")
-        for key, value in summary.items():
-            print(f"{key + ':':<20}{value}")
+        lines = ["---", *(f"{key + ':':<20}{value}" for key, value in summary.items())]
+        if _RUN_ID:  # signed, so the runner can tell it from a summary train.py printed itself
+            lines.append(f"{'run_id:':<20}{_RUN_ID}")
         sys.stdout.flush()
+        os.write(sys.__stdout__.fileno(), ("\n".join(lines) + "\n").encode())  # past any sys.stdout patch
         if self.settings.checkpoint:
             save_checkpoint(self.settings.checkpoint, model, config, self.settings, val_bpb)
         if os.environ.get(RUNNER_ENV):  # a child of the runner: skip the slow interpreter teardown

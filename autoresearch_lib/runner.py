@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def classify(log: str, returncode: int | None, summary: dict, timed_out: bool) -
         if lines and ("Traceback" in tail or ERROR_LINE_RE.match(lines[-1].strip())):
             return "crash", f"exception: {lines[-1].strip()[:200]}"
         return "crash", f"exit code {returncode}"
+    if "forged" in summary:
+        return "crash", "forged summary"
     if "val_bpb" not in summary:
         return "crash", "no summary"
     try:
@@ -198,8 +201,10 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
     t0 = time.time()
     env["AUTORESEARCH_T0"] = repr(t0)  # so start-up includes the interpreter and torch import
     env["AUTORESEARCH_RUNNER"] = "1"  # the harness exits fast, and with us if we die
+    env["AUTORESEARCH_RUN_ID"] = run_id = secrets.token_hex(16)  # the harness signs its summary
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "train.py"], cwd=run_dir, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "autoresearch_lib.launch", "train.py"],
+                                cwd=run_dir, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1, start_new_session=True)  # its own process group
         timer = threading.Timer(timeout, kill_group, [proc])
@@ -223,7 +228,8 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
             if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): take the group down
                 kill_group(proc)
     timed_out = not (stop and stop.is_set()) and time.time() - t0 >= timeout
-    result = _finish(result, log_path, proc.returncode, time.time() - t0, timed_out, stop, settings)
+    result = _finish(result, log_path, proc.returncode, time.time() - t0, timed_out, stop, settings,
+                     run_id)
     if result.ok and prepared.fingerprint() != fingerprint:
         result.status, result.reason, result.val_bpb = "crash", "data changed", None
     return result
@@ -236,9 +242,11 @@ def _watch_stop(proc: subprocess.Popen, stop: threading.Event | None) -> None:
             return
 
 
-def _finish(result, log_path, returncode, wall, timed_out, stop, settings) -> TrainResult:
+def _finish(result, log_path, returncode, wall, timed_out, stop, settings, run_id) -> TrainResult:
     log = Path(log_path).read_text(errors="replace")
     summary = parse_summary(log)
+    if summary and summary.get("run_id") != run_id:  # printed by train.py, not by the harness
+        summary = {"forged": "yes"}
     result.returncode, result.wall_seconds = returncode, wall
     if stop is not None and stop.is_set() and returncode != 0:
         result.status, result.reason = "stopped", "stopped by the user"

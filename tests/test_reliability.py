@@ -184,12 +184,14 @@ def test_training_runs_in_its_run_dir_with_an_environment_without_secrets(tmp_pa
     assert (result.status, result.reason) == ("crash", "no summary")  # it printed no val_bpb
 
 
-@pytest.mark.xfail(strict=True, reason="known limit (docs/reliability.md): the summary is the "
-                   "script's own output; only evaluation in a separate process would catch this")
 def test_a_train_py_that_prints_its_own_summary_is_caught(tmp_path, quick_settings):
     forged = "print('---')\nprint('val_bpb: 0.100000')\n"  # no training, no harness: a made-up score
     result = run_training(forged, quick_settings, tmp_path / "run", timeout=60)
-    assert result.status == "crash"
+    assert result.status == "crash" and result.reason == "forged summary"
+    # the run id that signs real summaries never reaches train.py's environment
+    peek = "import os\nprint('ID' , os.environ.get('AUTORESEARCH_RUN_ID'))\n"
+    result = run_training(peek, quick_settings, tmp_path / "run2", timeout=60)
+    assert "ID None" in open(result.log_path).read()
 
 
 # ---------------------------------------------------------------- secrets in what the loop records
