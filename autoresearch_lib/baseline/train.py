@@ -174,7 +174,6 @@ class GPT(nn.Module):
         attn = sum(12 * self.config.n_head * head_dim * min(w, self.config.sequence_len) for w in self.windows)
         return 6 * n_matrix + attn
 
-    @torch.compiler.disable
     def masks(self, T, device):
         """Per layer: None (plain causal) for a full window, else a sliding-window mask —
         a FlexAttention BlockMask on CUDA (fast, compiled), a boolean matrix elsewhere."""
@@ -202,6 +201,10 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, mask)
         logits = self.lm_head(norm(x)).float()
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+
+
+if torch.cuda.is_available():  # build the masks outside the compiled graph (only CUDA compiles)
+    GPT.masks = torch.compiler.disable(GPT.masks)
 
 
 # ---------------------------------------------------------------------------------------------
