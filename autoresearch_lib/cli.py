@@ -104,6 +104,11 @@ def cmd_loop(args) -> int:
     if (path / "settings.json").exists():
         ws = Workspace.open(path)
         print(f"resuming {path} ({ws.next_index()} experiments so far, best {ws.best()})")
+        fixed = ws.settings
+        if (args.budget and args.budget != fixed.budget) or args.preset not in ("auto", fixed.preset):
+            print(f"note: this workspace's settings were fixed when it was made (preset "
+                  f"{fixed.preset}, budget {fixed.budget:g}s), so every experiment is measured "
+                  "alike; --preset/--budget are ignored. Use a new --workspace to change them.")
     else:
         ws = Workspace.create(path, preset=args.preset, budget=args.budget, text=args.text,
                               val_text=args.val_text, dataset=args.dataset,
