@@ -20,8 +20,12 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   pip_install "torch>=2.4"
 else
   echo "setup: no NVIDIA GPU, installing a CPU build of torch"
-  pip_install --no-index "torch==$TORCH_CPU_VERSION" 2>/dev/null \
-    || pip_install torch --index-url https://download.pytorch.org/whl/cpu
+  # a CPU wheel pip can find without an index (e.g. a local wheel folder), then its dependencies
+  if pip_install --no-index --no-deps "torch==$TORCH_CPU_VERSION" 2>/dev/null; then
+    pip_install "torch==$TORCH_CPU_VERSION"
+  else
+    pip_install torch --index-url https://download.pytorch.org/whl/cpu
+  fi
 fi
 pip_install -e ".[test]"
 echo "setup: ready ($("$PY" -c 'import torch, autoresearch_lib; print("torch", torch.__version__)'))"
