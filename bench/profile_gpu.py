@@ -1,21 +1,37 @@
 """Where does a training step of the h100 preset spend its time? (a GPU tool, not a test)
 
-    python bench/profile_gpu.py [--windows SSSL L] [--profile]
+    python bench/profile_gpu.py [--windows SSSL L] [--steps 30] [--profile]
+                                [--flex-options '{"BLOCK_M": 128}'] [--mode max-autotune-no-cudagraphs]
+    python bench/profile_gpu.py --attention [--autotune]
 
-Builds the baseline model at the h100 preset's size on random tokens and times forward +
-backward + optimizer steps for each attention window pattern; --profile prints the top CUDA
-kernels of one step.
+The first form builds the baseline model at the h100 preset's size and times whole optimizer
+steps as the harness does (the real packing loader on random documents, a device sync and the
+loss read back after every step): median, mean and slowest step, and the optimizer step alone.
+--profile prints the top CUDA kernels of one step and their total time by kind.
+
+The second form times attention alone (forward + backward, batch 128 x 4 heads x 2048 x 128):
+SDPA's full causal kernels against FlexAttention's half-length sliding window, with the
+FlexAttention kernel options worth trying.
 """
 
 import argparse
+import functools
 import importlib.util
+import json
+import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from autoresearch_lib.baseline import TRAIN_PY, render_train_py
+from autoresearch_lib import data
+from autoresearch_lib.baseline import render_train_py
+
+B, T, V = 128, 2048, 8192  # the h100 preset: 2 micro-batches of 128 x 2048 = 2^19 tokens per step
 
 
 def load_train_module():
@@ -28,56 +44,207 @@ def load_train_module():
     return module
 
 
-def bench(m, pattern, steps=10, profile=False, B=128, T=2048, V=8192, mode=None):
+def random_documents(n_tokens=20_000_000, seed=0):
+    """Random tokens cut into documents of 100-3000 tokens, each starting with BOS (= V - 1)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, V - 1, n_tokens, dtype=np.int64).astype(np.uint16)
+    starts = np.cumsum(rng.integers(100, 3000, n_tokens // 100))
+    tokens[starts[starts < n_tokens]] = V - 1
+    tokens[0] = V - 1
+    return tokens
+
+
+def step_times(step, n):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        float(step())  # the harness reads the loss back after every step: a device sync
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def describe(label, times):
+    med, mean = statistics.median(times), statistics.fmean(times)
+    print(f"  {label}: median {med * 1000:.1f} ms ({2 * B * T / med:,.0f} tok/s) | mean {mean * 1000:.1f} ms "
+          f"({2 * B * T / mean:,.0f} tok/s) | max {max(times) * 1000:.0f} ms", flush=True)
+    return dict(median_ms=med * 1000, mean_ms=mean * 1000, max_ms=max(times) * 1000,
+                median_tok_s=2 * B * T / med, mean_tok_s=2 * B * T / mean)
+
+
+def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False):
     torch.manual_seed(0)
     width = m.DEPTH * m.ASPECT_RATIO
     cfg = m.GPTConfig(sequence_len=T, vocab_size=V, n_layer=m.DEPTH, n_head=width // m.HEAD_DIM,
                       n_embd=width, window_pattern=pattern)
     model = m.GPT(cfg).cuda()
     model.init_weights()
+    compile = functools.partial(torch.compile, dynamic=False, mode=mode)
     opts = m.make_optimizers(model, fused=True)
-    loss_fn = torch.compile(lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()), dynamic=False,
-                            mode=mode)
-    x = torch.randint(0, V, (B, T), device="cuda")
+    if plain_loss:  # F.cross_entropy on the soft-capped logits, instead of the model's own loss
+        loss_fn = compile(lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+    else:
+        loss_fn = compile(model)
+    loader = data.make_dataloader(random_documents(), V - 1, B, T, "cuda")
+    x, y, _ = next(loader)
+
     def step():
-        for _ in range(2):  # 2^19 tokens per step = 2 micro-batches
+        nonlocal x, y
+        for _ in range(2):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_fn(x, x)
+                loss = loss_fn(x, y)
             (loss / 2).backward()
+            x, y, _ = next(loader)
         for o in opts:
             o.step()
         model.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
+
     t0 = time.time()
     for _ in range(3):
-        step().item()
-    compile_s = time.time() - t0
+        float(step())
+    print(f"windows {pattern}{' (F.cross_entropy)' if plain_loss else ''}: compile + warm-up "
+          f"{time.time() - t0:.0f} s", flush=True)
+    result = dict(windows=pattern, mode=mode, plain_loss=plain_loss,
+                  steps=describe("steps", step_times(step, steps)))
+    # the optimizer alone, after one more backward
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            (loss_fn(x, y) / 2).backward()
     torch.cuda.synchronize()
-    t0 = time.time()
-    for _ in range(steps):
-        step()
+    t0 = time.perf_counter()
+    for o in opts:
+        o.step()
     torch.cuda.synchronize()
-    dt = (time.time() - t0) / steps
-    print(f"windows {pattern}: {dt * 1000:.0f} ms/step, {2 * B * T / dt:,.0f} tok/s "
-          f"(compile+warm-up {compile_s:.0f}s)", flush=True)
+    result["optimizer_ms"] = (time.perf_counter() - t0) * 1000
+    print(f"  optimizer step alone: {result['optimizer_ms']:.1f} ms", flush=True)
+    model.zero_grad(set_to_none=True)
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
         with prof(activities=[ProfilerActivity.CUDA]) as p:
-            step()
-            torch.cuda.synchronize()
-        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+            float(step())
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+        result["kernel_ms"] = kernel_categories(p)
+    return result
+
+
+def kernel_categories(p):
+    """CUDA time of one step by kind of kernel, in ms."""
+    kinds = [("attention", ("flex", "attention", "fmha", "cudnn", "flash")),
+             ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90")),
+             ("embedding", ("embedding", "index", "sort", "radix", "scatter")),
+             ("fused reduction (norms, loss)", ("triton_red", "triton_per")),
+             ("fused element-wise", ("triton_poi",)), ("copies", ("copy", "memcpy", "memset", "fill"))]
+    totals = {}
+    for e in p.key_averages():
+        if e.device_type.name != "CUDA":  # kernels only: CPU-side ops would count them twice
+            continue
+        t = getattr(e, "self_device_time_total", 0) / 1000
+        name = e.key.lower()
+        kind = next((k for k, words in kinds if any(w in name for w in words)), "other")
+        totals[kind] = totals.get(kind, 0) + t
+    for k, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<32} {t:8.1f} ms")
+    return totals
+
+
+# ------------------------------------------------------------------------------ attention alone
+
+# Not here: ROWS_GUARANTEED_SAFE / BLOCKS_ARE_CONTIGUOUS. They time faster, but with this mask
+# (torch 2.11, H200) they returned NaN or wrong outputs and gradients: always check correctness.
+FLEX_OPTIONS = {
+    "default": {},
+    "tma": {"USE_TMA": True},
+    "fwd 128x128 w8 s2": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    "fwd 128x64 w8 s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    "bwd 64x128 / 128x64 w8 s2": {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64,
+                                   "num_warps": 8, "num_stages": 2},
+    "bwd 32x128 / 128x32 w4 s3": {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32,
+                                   "num_warps": 4, "num_stages": 3},
+}
+
+
+def time_fwd_bwd(fn, q, k, v, go, n=20):
+    def once():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(go)
+    for _ in range(3):
+        once()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        once()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1000
+
+
+def bench_attention(autotune=False):
+    from torch.nn.attention import flex_attention as fa
+    print("FlexKernelOptions keys:", sorted(getattr(fa, "FlexKernelOptions", dict).__annotations__), flush=True)
+    torch._dynamo.config.recompile_limit = 64  # one compilation per set of kernel options
+    H, D, W = 4, 128, T // 2
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    go = torch.randn_like(q)
+    causal_flops = 4 * B * H * D * T * (T + 1) / 2 * 3.5  # fwd + bwd (2.5x fwd), useful FLOPs only
+    window_flops = 4 * B * H * D * (W * (W + 1) / 2 + (T - W) * W) * 3.5
+    rows = {}
+
+    def report(name, ms, flops):
+        rows[name] = dict(ms=ms, tflops=flops / ms / 1e9)
+        print(f"  {name:<40} {ms:7.2f} ms  {flops / ms / 1e9:6.0f} TFLOP/s (useful)", flush=True)
+
+    for name, backend in [("SDPA causal (default choice)", None), ("SDPA causal cuDNN", SDPBackend.CUDNN_ATTENTION),
+                          ("SDPA causal flash", SDPBackend.FLASH_ATTENTION)]:
+        def sdpa(q, k, v, backend=backend):
+            if backend is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        try:
+            report(name, time_fwd_bwd(sdpa, q, k, v, go), causal_flops)
+        except Exception as e:  # noqa: BLE001 - a backend may be missing on this card
+            print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+
+    window = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < W), None, None, T, T, device="cuda")
+    causal = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    report("flex causal (default)", time_fwd_bwd(lambda q, k, v: compiled(q, k, v, block_mask=causal), q, k, v, go),
+           causal_flops)
+    for name, opts in FLEX_OPTIONS.items():
+        try:
+            ms = time_fwd_bwd(lambda q, k, v: compiled(q, k, v, block_mask=window, kernel_options=opts), q, k, v, go)
+            report(f"flex window {name}", ms, window_flops)
+        except Exception as e:  # noqa: BLE001 - a config may not fit the card's shared memory
+            print(f"  flex window {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+    if autotune:
+        tuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+        t0 = time.time()
+        ms = time_fwd_bwd(lambda q, k, v: tuned(q, k, v, block_mask=window), q, k, v, go)
+        report(f"flex window max-autotune ({time.time() - t0:.0f} s incl. tuning)", ms, window_flops)
+    return rows
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", nargs="+", default=["SSSL", "L"])
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--tune", action="store_true", help="inductor coordinate-descent tuning")
+    ap.add_argument("--flex-options", type=json.loads, default=None, help="FlexAttention kernel_options (JSON)")
+    ap.add_argument("--plain-loss", action="store_true", help="also time F.cross_entropy as the loss")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--attention", action="store_true", help="time attention kernels alone")
+    ap.add_argument("--autotune", action="store_true", help="with --attention: also max-autotune FlexAttention")
+    ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args()
-    m = load_train_module()
-    if a.tune:
-        torch._inductor.config.coordinate_descent_tuning = True
-    for w in a.windows:
-        bench(m, w, steps=a.steps, profile=a.profile, mode=a.mode)
+    print("card:", torch.cuda.get_device_name(0), "| torch", torch.__version__, flush=True)
+    if a.attention:
+        results = bench_attention(a.autotune)
+    else:
+        m = load_train_module()
+        if a.flex_options is not None:
+            m.flex_attention = functools.partial(flex_attention, kernel_options=a.flex_options)
+        results = [bench_steps(m, w, a.steps, a.profile, a.mode) for w in a.windows]
+        if a.plain_loss:
+            results.append(bench_steps(m, a.windows[0], a.steps, a.profile, a.mode, plain_loss=True))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=2)
