@@ -34,9 +34,9 @@ from autoresearch_lib.baseline import render_train_py
 B, T, V = 128, 2048, 8192  # the h100 preset: 2 micro-batches of 128 x 2048 = 2^19 tokens per step
 
 
-def load_train_module():
+def load_train_module(script=None):
     path = "/tmp/train_h100.py"
-    open(path, "w").write(render_train_py("h100"))
+    open(path, "w").write(open(script).read() if script else render_train_py("h100"))
     spec = importlib.util.spec_from_file_location("train_h100", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["train_h100"] = module
@@ -233,13 +233,14 @@ if __name__ == "__main__":
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--attention", action="store_true", help="time attention kernels alone")
     ap.add_argument("--autotune", action="store_true", help="with --attention: also max-autotune FlexAttention")
+    ap.add_argument("--script", help="a train.py at the h100 size to time instead of the baseline")
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args()
     print("card:", torch.cuda.get_device_name(0), "| torch", torch.__version__, flush=True)
     if a.attention:
         results = bench_attention(a.autotune)
     else:
-        m = load_train_module()
+        m = load_train_module(a.script)
         if a.flex_options is not None:
             m.flex_attention = functools.partial(flex_attention, kernel_options=a.flex_options)
         results = [bench_steps(m, w, a.steps, a.profile, a.mode) for w in a.windows]
