@@ -118,7 +118,13 @@ def cmd_loop(args) -> int:
     from .data import prepare as prepare_data
 
     prepare_data(ws.settings)  # a bad corpus fails here, clearly, before any experiment
-    on_event = lambda e: print(experiment_line(e.data["experiment"]), flush=True) if e.kind == "decision" else None
+    def on_event(e):
+        if e.kind == "decision":
+            print(experiment_line(e.data["experiment"]), flush=True)
+        elif e.kind == "waiting":
+            print(f"the agent failed to propose {e.data['failures']} times in a row "
+                  f"({e.data['reason'][:120]}); trying again in {e.data['seconds']:g} s", flush=True)
+
     try:
         loop.run(ws, agent, max_experiments=args.max_experiments, on_event=on_event,
                  noise_runs=args.noise_runs, z=args.z)

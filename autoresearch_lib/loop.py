@@ -15,7 +15,9 @@ and `Workspace.open` undoes a commit that has no `keep` row. So resuming is simp
 Faults. A proposal that fails - the agent's ProposalError, an unusable Proposal, or any other
 exception raised inside `agent.propose` (a bug in an agent must not end an unattended night) - is
 a crash row "proposal: ..." and the loop goes on; only unexpected errors three times in a
-row stop it (LoopError), as does Ctrl-C. A full or read-only disk stops the loop with a
+row stop it (LoopError), as does Ctrl-C. After two failed proposals in a row `run` waits before
+asking again (10 s, doubling, at most 10 minutes), so an API that is down all night costs a few
+dozen crash rows rather than thousands. A full or read-only disk stops the loop with a
 WorkspaceError saying what to do; resuming afterwards is the usual `Workspace.open`. Text the
 loop writes (results.tsv, events) has the values of secret-looking environment variables
 replaced by <redacted>.
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .agents import Proposal, ProposalError, State
+from .config import quick_mode
 from .runner import TrainResult, run_training
 from .workspace import Workspace, one_line, storage_error
 
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 NOISE_PREFIX = "baseline noise run"
 AGENT_ERROR = "agent error: "  # a proposal that failed with an unexpected exception
 MAX_AGENT_ERRORS = 3  # that many in a row: the agent is broken, not unlucky
+PROPOSAL_RETRY_MAX = 600.0  # seconds: the longest wait between failing proposals
 # environment variables whose values never appear in what the loop records
 SECRET_NAME_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
@@ -60,7 +64,8 @@ class Event:
 
     kind: "experiment" (a new one starts), "proposal" (description, diff), "progress" (a
     runner.Progress), "line" (a log line), "result" (a TrainResult), "decision" (status,
-    val_bpb, best), "stopped", "error".
+    val_bpb, best), "waiting" (seconds, failures, reason: proposals keep failing, so `run`
+    pauses before the next), "stopped", "error".
     """
 
     kind: str
@@ -116,7 +121,23 @@ def run(ws: Workspace, agent, max_experiments: int | None = None,
             if exp.status == "stopped":
                 break
             done.append(exp)
+            failures = len(done) - max((i + 1 for i, e in enumerate(done)
+                                        if not e.reason.startswith("proposal:")), default=0)
+            wait = proposal_retry_delay(failures)
+            if wait and (max_experiments is None or len(done) < max_experiments):
+                emit(Event("waiting", exp.index, {"seconds": wait, "failures": failures,
+                                                  "reason": exp.reason}))
+                if (stop or threading.Event()).wait(wait):  # a stop ends the wait at once
+                    break
     return done
+
+
+def proposal_retry_delay(failures: int) -> float:
+    """Seconds to wait after `failures` failed proposals in a row: none after the first (it may
+    be bad luck), then 10 s doubling up to PROPOSAL_RETRY_MAX (0.1 s with AUTORESEARCH_QUICK=1)."""
+    if failures < 2:
+        return 0.0
+    return min(PROPOSAL_RETRY_MAX, (0.1 if quick_mode() else 10.0) * 2 ** (failures - 2))
 
 
 @contextlib.contextmanager

@@ -376,6 +376,11 @@ class Dashboard:
         self._set_status(f"experiment #{e.index}: <b>{e.data['status']}</b> (val_bpb {bpb}) · "
                          f"{html.escape(e.data['description'])}")
 
+    def _on_waiting(self, e) -> None:
+        self._set_status(f"the agent failed {e.data['failures']} times in a row "
+                         f"({html.escape(e.data['reason'][:120])}): asking again in "
+                         f"{e.data['seconds']:g} s", error=True)
+
     def _on_stopped(self, e) -> None:
         self._set_status(f"experiment #{e.index} stopped: undone and not recorded")
 

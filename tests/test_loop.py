@@ -312,6 +312,34 @@ def test_a_malformed_scripted_proposal_is_a_crash_row_and_the_loop_goes_on(basel
     assert ws.head() == done[1].commit and branch_commits(ws) == {root, done[1].commit}
 
 
+def test_proposals_that_keep_failing_make_the_loop_wait_longer_each_time(baseline_ws, tmp_path):
+    """An API that is down all night must not write a crash row every few seconds: after two
+    failures in a row `run` waits, doubling the wait; a success resets it; stop ends a wait."""
+    ws = clone(baseline_ws, tmp_path)
+    down = "the server is down"
+
+    def fail(state):
+        raise ProposalError(down)
+
+    agent = ScriptedAgent([fail] * 4 + [("lower LR", {"MATRIX_LR": 0.01})] + [fail] * 3)
+    events = []
+    t0 = time.monotonic()
+    done = loop.run(ws, agent, max_experiments=8, executor=FakeRuns(1.0),
+                    on_event=lambda e: events.append(e) if e.kind == "waiting" else None)
+    waits = [(e.data["failures"], e.data["seconds"]) for e in events]
+    assert [e.status for e in done] == ["crash"] * 4 + ["keep"] + ["crash"] * 3  # no wait after the last
+    assert waits == [(2, 0.1), (3, 0.2), (4, 0.4), (2, 0.1)]  # quick mode: 0.1 s, not 10 s
+    assert time.monotonic() - t0 >= 0.8 and down in events[0].data["reason"]
+    assert loop.proposal_retry_delay(1) == 0 and loop.proposal_retry_delay(30) == loop.PROPOSAL_RETRY_MAX
+
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    agent = ScriptedAgent([fail] * 20)
+    t0 = time.monotonic()
+    done = loop.run(ws, agent, stop=stop, executor=FakeRuns())
+    assert time.monotonic() - t0 < 5 and 2 <= len(done) < 20  # the stop cut a wait short
+
+
 def test_an_llm_that_only_sends_garbage_gives_proposal_crash_rows(baseline_ws, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     ws = clone(baseline_ws, tmp_path)

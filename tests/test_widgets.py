@@ -106,6 +106,23 @@ def test_start_runs_until_max_experiments_with_the_offline_agent(ws):
     assert "<pre" in d.diff.value and "-&gt;" in d.diff.value  # the last proposal's diff, escaped
 
 
+def test_an_agent_that_keeps_failing_shows_the_pause_and_stop_ends_it(ws, monkeypatch):
+    monkeypatch.setattr(loop, "proposal_retry_delay", lambda failures: 30.0 if failures >= 2 else 0)
+
+    def server_down(state):
+        from autoresearch_lib.agents import ProposalError
+        raise ProposalError("the model server is down")
+
+    d = Dashboard(ws, agent=ScriptedAgent([server_down] * 5), executor=FakeExecutor())
+    assert d.start(max_experiments=5)
+    until(lambda: d.last_event is not None and d.last_event.kind == "waiting")
+    assert "failed 2 times in a row" in d.status.value and "server is down" in d.status.value
+    assert "30 s" in d.status.value and len(ws.results()) == 3  # the baseline and two crash rows
+    t0 = time.time()
+    assert d.stop() and d.wait(5) and time.time() - t0 < 2  # the 30 s pause ends at once
+    assert d.state == IDLE and len(ws.results()) == 3 and clean(ws)
+
+
 def test_buttons_follow_the_state_and_stop_undoes_the_unfinished_experiment(ws):
     gate = threading.Event()
     d = Dashboard(ws, executor=FakeExecutor(gate))

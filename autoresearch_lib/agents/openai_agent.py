@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import os
 
-import openai
-
 from .base import MissingAPIKeyError, Proposal, ProposalError, State
 from .edits import EditError, apply_reply
 
@@ -74,6 +72,8 @@ class OpenAIAgent:
                 "which needs no key.")
         self.max_attempts, self.max_retries = max(1, max_attempts), max_retries
         self.temperature = temperature  # None: leave it to the server (some models reject it)
+        import openai  # here, not at the top: it takes ~1 s to import and only this agent needs it
+
         self.client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url,
                                     max_retries=max_retries, timeout=timeout)
 
@@ -102,6 +102,8 @@ class OpenAIAgent:
 
     def _ask(self, messages: list[dict], usage: dict) -> str:
         """One chat completion; adds its token counts to `usage`; API errors -> ProposalError."""
+        import openai
+
         extra = {} if self.temperature is None else {"temperature": self.temperature}
         try:
             response = self.client.chat.completions.create(model=self.model, messages=messages, **extra)
