@@ -2,17 +2,14 @@
 a real HTTP server on 127.0.0.1, driven through the real `openai` client)."""
 
 import ast
-import json
 import logging
-import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from autoresearch_lib.agents import (Agent, HumanAgent, MissingAPIKeyError, OfflineAgent, OpenAIAgent,
-                                     Proposal, ProposalError, ScriptedAgent, State, make_agent)
+                                     ProposalError, ScriptedAgent, State, make_agent)
 from autoresearch_lib.agents.offline import parse_description, read_constants, set_constants
 
 TRAIN_PY = '''"""A tiny GPT training script (test fixture, shaped like the baseline)."""
@@ -227,55 +224,6 @@ def test_make_agent_builds_each_agent_by_name(monkeypatch):
 
 
 # --- OpenAI-compatible, against a real HTTP server -------------------------------------------
-
-class FakeLLM:
-    """A chat-completions server on 127.0.0.1 that answers from a script."""
-
-    def __init__(self):
-        self.script, self.requests, self.url = [], [], ""
-
-    def reply(self, text, prompt_tokens=100, completion_tokens=20):
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-        self.script.append((200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
-                                  "model": "fake", "choices": [choice], "usage": usage}))
-
-    def error(self, status, message):
-        self.script.append((status, {"error": {"message": message, "type": "error", "code": status}}))
-
-    def answer(self, handler):
-        length = int(handler.headers["Content-Length"])
-        self.requests.append({"path": handler.path, "body": json.loads(handler.rfile.read(length))})
-        empty = (400, {"error": {"message": "the test's script is empty"}})
-        status, payload = self.script.pop(0) if self.script else empty
-        data = json.dumps(payload).encode()
-        handler.send_response(status)
-        for name, value in (("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                            ("retry-after-ms", "10")):  # keeps the client's retries fast
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(data)
-
-
-@pytest.fixture
-def llm():
-    fake = FakeLLM()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            fake.answer(self)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    fake.url = f"http://127.0.0.1:{server.server_port}/v1"
-    yield fake
-    server.shutdown()
-    server.server_close()
-
 
 def agent_for(llm, **kw) -> OpenAIAgent:
     kw = {"max_retries": 0, **kw}

@@ -7,7 +7,6 @@ the thing under test is the loop's bookkeeping, a fake executor stands in for ru
 """
 
 import functools
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,6 @@ import sys
 import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -116,49 +114,6 @@ class FakeRuns:
         else:
             result.status, result.val_bpb, result.peak_vram_mb, result.num_steps = "ok", value, 1536.0, 7
         return result
-
-
-class ChatServer:
-    """An OpenAI-compatible chat-completions server on 127.0.0.1: `answer(n)` gives the
-    (status, json) of the n-th request (0, 1, ...)."""
-
-    def __init__(self, answer):
-        self.answer, self.requests = answer, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                status, payload = server.answer(len(server.requests) - 1)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_port}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.http.serve_forever, args=(0.05,), daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.http.shutdown()
-        self.http.server_close()
-
-
-def completion(text: str, prompt_tokens: int = 0, completion_tokens: int = 0):
-    choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
-    return 200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "fake",
-                 "choices": [choice], "usage": usage}
 
 
 # ---------------------------------------------------------------- one real baseline, shared
@@ -340,14 +295,14 @@ def test_proposals_that_keep_failing_make_the_loop_wait_longer_each_time(baselin
     assert time.monotonic() - t0 < 5 and 2 <= len(done) < 20  # the stop cut a wait short
 
 
-def test_an_llm_that_only_sends_garbage_gives_proposal_crash_rows(baseline_ws, tmp_path, monkeypatch):
+def test_an_llm_that_only_sends_garbage_gives_proposal_crash_rows(baseline_ws, tmp_path, monkeypatch, llm):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     ws = clone(baseline_ws, tmp_path)
     root = ws.head()
-    with ChatServer(lambda n: completion("Sure! I would raise the learning rate a bit.", 10, 5)) as server:
-        agent = OpenAIAgent(model="fake", base_url=server.url, max_retries=0, timeout=10)
-        done = loop.run(ws, agent, max_experiments=2, executor=FakeRuns())  # it must never train
-    assert [e.status for e in done] == ["crash", "crash"] and len(server.requests) == 6
+    llm.respond = lambda n: llm.completion("Sure! I would raise the learning rate a bit.", 10, 5)
+    agent = OpenAIAgent(model="fake", base_url=llm.url, max_retries=0, timeout=10)
+    done = loop.run(ws, agent, max_experiments=2, executor=FakeRuns())  # it must never train
+    assert [e.status for e in done] == ["crash", "crash"] and len(llm.requests) == 6
     for row in ws.results()[1:]:
         assert row["reason"].startswith("proposal: The model fake gave no usable edit in 3 attempts")
         assert row["commit"] == root and row["agent"] == "openai"
@@ -356,7 +311,8 @@ def test_an_llm_that_only_sends_garbage_gives_proposal_crash_rows(baseline_ws, t
 
 # ---------------------------------------------------------------- the OpenAI agent, for real
 
-def test_openai_agent_through_the_loop_and_the_key_never_leaks(baseline_ws, tmp_path, monkeypatch, caplog):
+def test_openai_agent_through_the_loop_and_the_key_never_leaks(baseline_ws, tmp_path, monkeypatch, caplog,
+                                                                llm):
     caplog.set_level("DEBUG")
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     ws = clone(baseline_ws, tmp_path)
@@ -364,15 +320,14 @@ def test_openai_agent_through_the_loop_and_the_key_never_leaks(baseline_ws, tmp_
     # a constant edit that also prints the run's environment: a leaked key would show in run.log
     good = reply("MATRIX_LR 0.02 -> 0.03", lr,
                  "MATRIX_LR = 0.03\nimport os\nprint('environment:', sorted(os.environ.items()))")
-    answers = [completion(good, 1234, 56),
-               (500, {"error": {"message": f"internal error for key {KEY}", "type": "server_error"}})]
+    llm.reply(good, 1234, 56)
+    llm.error(500, f"internal error for key {KEY}")
     events = []
-    with ChatServer(lambda n: answers[min(n, 1)]) as server:
-        agent = OpenAIAgent(model="fake", base_url=server.url, max_retries=0, timeout=10)
-        done = loop.run(ws, agent, max_experiments=2, on_event=events.append)
+    agent = OpenAIAgent(model="fake", base_url=llm.url, max_retries=0, timeout=10)
+    done = loop.run(ws, agent, max_experiments=2, on_event=events.append)
 
-    assert len(server.requests) == 2  # the second prompt shows the model its first result
-    assert "MATRIX_LR 0.02 -> 0.03" in server.requests[1]["messages"][1]["content"]
+    assert len(llm.requests) == 2  # the second prompt shows the model its first result
+    assert "MATRIX_LR 0.02 -> 0.03" in llm.requests[1]["body"]["messages"][1]["content"]
     ran, failed = ws.results()[1:]
     assert ran["status"] in ("keep", "discard") and ran["description"] == "MATRIX_LR 0.02 -> 0.03"
     assert (ran["prompt_tokens"], ran["completion_tokens"], ran["agent"]) == (1234, 56, "openai")
@@ -394,17 +349,16 @@ def test_openai_agent_through_the_loop_and_the_key_never_leaks(baseline_ws, tmp_
         assert KEY not in text, f"the API key leaked into {where}"
 
 
-def test_the_key_is_not_in_the_error_when_the_server_quotes_it(monkeypatch):
+def test_the_key_is_not_in_the_error_when_the_server_quotes_it(monkeypatch, llm):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    answers = [(401, {"error": {"message": f"Incorrect API key provided: {KEY}"}}),
-               (503, {"error": {"message": f"overloaded, key {KEY}"}})]
-    with ChatServer(lambda n: answers[n]) as server:
-        agent = OpenAIAgent(model="fake", base_url=server.url, max_retries=0, timeout=10)
-        for _ in answers:
-            with pytest.raises(ProposalError) as err:
-                agent.propose(State("program", "DEPTH = 1\n"))
-            shown = "".join(traceback.format_exception(err.value))
-            assert KEY not in shown and KEY not in str(err.value)
+    llm.error(401, f"Incorrect API key provided: {KEY}")
+    llm.error(503, f"overloaded, key {KEY}")
+    agent = OpenAIAgent(model="fake", base_url=llm.url, max_retries=0, timeout=10)
+    for _ in range(2):
+        with pytest.raises(ProposalError) as err:
+            agent.propose(State("program", "DEPTH = 1\n"))
+        shown = "".join(traceback.format_exception(err.value))
+        assert KEY not in shown and KEY not in str(err.value)
 
 
 # ---------------------------------------------------------------- noise-aware mode

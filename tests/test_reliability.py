@@ -18,7 +18,6 @@ import threading
 import time
 import traceback
 import unicodedata
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from autoresearch_lib import loop, workspace
-from autoresearch_lib.agents import OpenAIAgent, Proposal, ProposalError, ScriptedAgent
+from autoresearch_lib.agents import OpenAIAgent, Proposal, ScriptedAgent
 from autoresearch_lib.baseline import render_train_py
 from autoresearch_lib.data import DataError
 from autoresearch_lib.runner import TrainResult, run_training
@@ -539,57 +538,24 @@ def test_any_reply_through_the_loop_is_a_run_or_a_crash_row_never_an_exception(w
 
 # ---------------------------------------------------------------- model servers that misbehave
 
-class SlowOrBadServer:
-    """An OpenAI-compatible address that answers too late, or with an HTML page."""
-
-    def __init__(self, mode: str):
-        self.mode, self.hits, self.release = mode, 0, threading.Event()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                owner.hits += 1
-                self.rfile.read(int(self.headers["Content-Length"]))
-                if owner.mode == "slow":
-                    owner.release.wait(10)  # far longer than the client waits
-                body = b"<html><body>Welcome to the web UI</body></html>"
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_port}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.http.serve_forever, args=(0.05,), daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.release.set()
-        self.http.shutdown()
-        self.http.server_close()
+WEB_PAGE = (200, b"<html><body>Welcome to the web UI</body></html>")
 
 
-def test_a_server_slower_than_the_timeout_is_a_crash_row_after_the_retries(ws):
-    with SlowOrBadServer("slow") as server:
-        agent = OpenAIAgent(model="slow", base_url=server.url, api_key=KEY, timeout=0.5, max_retries=1)
-        start = time.monotonic()
-        exp = loop.step(ws, agent, executor=FakeRuns())
-        elapsed = time.monotonic() - start
+def test_a_server_slower_than_the_timeout_is_a_crash_row_after_the_retries(ws, llm):
+    llm.hold, llm.respond = threading.Event(), lambda n: WEB_PAGE  # answers far later than 0.5 s
+    agent = OpenAIAgent(model="slow", base_url=llm.url, api_key=KEY, timeout=0.5, max_retries=1)
+    start = time.monotonic()
+    exp = loop.step(ws, agent, executor=FakeRuns())
+    elapsed = time.monotonic() - start
     assert exp.status == "crash" and "failed, even after 1 retries: Request timed out" in exp.reason
-    assert server.hits == 2 and elapsed < 10 and KEY not in exp.reason
+    assert len(llm.requests) == 2 and elapsed < 10 and KEY not in exp.reason
     assert ws.head() == ws.best()[0] and git(ws, "status", "--porcelain") == ""
 
 
-def test_a_server_answering_with_a_web_page_is_a_crash_row(ws):
-    with SlowOrBadServer("html") as server:
-        agent = OpenAIAgent(model="web", base_url=server.url, api_key=KEY, max_retries=0, timeout=5)
-        exp = loop.step(ws, agent, executor=FakeRuns())
+def test_a_server_answering_with_a_web_page_is_a_crash_row(ws, llm):
+    llm.respond = lambda n: WEB_PAGE
+    agent = OpenAIAgent(model="web", base_url=llm.url, api_key=KEY, max_retries=0, timeout=5)
+    exp = loop.step(ws, agent, executor=FakeRuns())
     assert exp.status == "crash" and exp.reason.startswith("proposal: ")
     assert KEY not in exp.reason and loop.step(ws, ScriptedAgent([lr(0.03)]),
                                                executor=FakeRuns(0.5)).status == "keep"

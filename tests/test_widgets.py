@@ -8,7 +8,6 @@ import html
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -238,37 +237,6 @@ def test_diff_and_results_html_escape_what_they_show():
 
 # ---------------------------------------------------------------- the API key
 
-class FakeLLM(ThreadingHTTPServer):
-    """A chat-completions server on 127.0.0.1 that proposes one edit and notes the auth header."""
-
-    def __init__(self):
-        self.auth = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                server.auth.append(self.headers.get("Authorization"))
-                reply = ("Raise the matrix learning rate\ntrain.py\n<<<<<<< SEARCH\nMATRIX_LR = 0.02\n"
-                         "=======\nMATRIX_LR = 0.03\n>>>>>>> REPLACE\n")
-                body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": reply}}],
-                                   "usage": {"prompt_tokens": 9, "completion_tokens": 3,
-                                             "total_tokens": 12}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
-
-
 def widget_texts():
     """The state of every live widget, as the frontend (and a saved notebook) would get it."""
     from ipywidgets.widgets.widget import _instances
@@ -276,24 +244,21 @@ def widget_texts():
     return [str(widget.get_state()) for widget in list(_instances.values())]
 
 
-def test_the_api_key_is_used_but_never_shown_saved_or_logged(ws, monkeypatch):
+def test_the_api_key_is_used_but_never_shown_saved_or_logged(ws, monkeypatch, llm):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    server = FakeLLM()
-    try:
-        d = Dashboard(ws, executor=FakeExecutor())
-        d.agent_choice.value = "openai"
-        assert d.openai_box.layout.display == "" and not d.key_from_env.value
-        assert not d.start() and "No API key" in d.status.value  # none typed, none in the env
-        d.base_url.value = f"http://127.0.0.1:{server.server_port}/v1"
-        d.model.value = "fake-model"
-        d.api_key.value = KEY
-        assert d.start(max_experiments=2) and d.wait(20)
-    finally:
-        server.shutdown()
-        server.server_close()
+    llm.reply("Raise the matrix learning rate\ntrain.py\n<<<<<<< SEARCH\nMATRIX_LR = 0.02\n=======\n"
+              "MATRIX_LR = 0.03\n>>>>>>> REPLACE\n", 9, 3)
+    d = Dashboard(ws, executor=FakeExecutor())
+    d.agent_choice.value = "openai"
+    assert d.openai_box.layout.display == "" and not d.key_from_env.value
+    assert not d.start() and "No API key" in d.status.value  # none typed, none in the env
+    d.base_url.value = llm.url
+    d.model.value = "fake-model"
+    d.api_key.value = KEY
+    assert d.start(max_experiments=2) and d.wait(20)
     rows = ws.results()
     assert rows[1]["description"] == "Raise the matrix learning rate" and rows[1]["agent"] == "openai"
-    assert server.auth == [f"Bearer {KEY}"]  # the key was used ...
+    assert [r["auth"] for r in llm.requests] == [f"Bearer {KEY}"]  # the key was used ...
     assert d.api_key.value == ""  # ... and taken out of the widget
     seen = widget_texts() + [repr(d.widget), str(d.widget._repr_mimebundle_()), repr(d._agent)]
     seen += [p.read_text(errors="replace") for p in ws.path.rglob("*")
