@@ -17,7 +17,7 @@ if "$PY" -c 'import torch' 2>/dev/null; then
   echo "setup: keeping torch $("$PY" -c 'import torch; print(torch.__version__)')"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "setup: NVIDIA GPU found, installing torch with CUDA"
-  pip_install "torch>=2.4"
+  pip_install "torch>=2.5"
 else
   echo "setup: no NVIDIA GPU, installing a CPU build of torch"
   # a CPU wheel pip can find without an index (e.g. a local wheel folder), then its dependencies
