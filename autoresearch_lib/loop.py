@@ -30,6 +30,7 @@ and an apparent win is confirmed by one re-run (the two are averaged).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -47,7 +48,8 @@ from .workspace import Workspace, one_line, storage_error
 
 log = logging.getLogger(__name__)
 NOISE_PREFIX = "baseline noise run"
-AGENT_ERROR = "agent error: "  # a proposal that failed with an unexpected exception
+NO_PROPOSAL = "proposal: "  # the reason of a crash row whose proposal failed (nothing trained)
+AGENT_ERROR = "agent error: "  # ... because of an unexpected exception in the agent
 MAX_AGENT_ERRORS = 3  # that many in a row: the agent is broken, not unlucky
 PROPOSAL_RETRY_MAX = 600.0  # seconds: the longest wait between failing proposals
 # environment variables whose values never appear in what the loop records
@@ -121,8 +123,8 @@ def run(ws: Workspace, agent, max_experiments: int | None = None,
             if exp.status == "stopped":
                 break
             done.append(exp)
-            failures = len(done) - max((i + 1 for i, e in enumerate(done)
-                                        if not e.reason.startswith("proposal:")), default=0)
+            failures = sum(1 for _ in itertools.takewhile(
+                lambda e: e.reason.startswith(NO_PROPOSAL), reversed(done)))  # in a row, till now
             wait = proposal_retry_delay(failures)
             if wait and (max_experiments is None or len(done) < max_experiments):
                 emit(Event("waiting", exp.index, {"seconds": wait, "failures": failures,
@@ -224,7 +226,7 @@ def _no_proposal(ws, index, emit, best, agent, t0, problem: str) -> Experiment:
     """Record a failed proposal as a crash row (nothing was committed) and move on."""
     problem = redact(problem)
     exp = Experiment(index, ws.head(), f"proposal failed: {problem}"[:200], "crash",
-                     best_before=best[1], reason=f"proposal: {problem}"[:300], seconds=time.time() - t0)
+                     best_before=best[1], reason=f"{NO_PROPOSAL}{problem}"[:300], seconds=time.time() - t0)
     return _record(ws, index, emit, exp, best, agent_name=getattr(agent, "name", "?"))
 
 
@@ -235,7 +237,7 @@ def _agent_error(ws, index, emit, best, agent, t0, error: Exception) -> Experime
     log.warning("agent %s raised an unexpected error:\n%s", name, redact(traceback.format_exc()))
     exp = _no_proposal(ws, index, emit, best, agent, t0, problem)
     recent = [r["reason"] for r in ws.results()[-MAX_AGENT_ERRORS:]]
-    if len(recent) == MAX_AGENT_ERRORS and all(r.startswith(f"proposal: {AGENT_ERROR}") for r in recent):
+    if len(recent) == MAX_AGENT_ERRORS and all(r.startswith(NO_PROPOSAL + AGENT_ERROR) for r in recent):
         raise LoopError(f"the agent {name!r} failed with an unexpected error {MAX_AGENT_ERRORS} times "
                         f"in a row, the last: {redact(problem)[:300]}. That is a bug in the agent "
                         "or its set-up (e.g. a base_url that serves a web page, not an API), not a "

@@ -78,12 +78,12 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False):
                       n_embd=width, window_pattern=pattern)
     model = m.GPT(cfg).cuda()
     model.init_weights()
-    compile = functools.partial(torch.compile, dynamic=False, mode=mode)
     opts = m.make_optimizers(model, fused=True)
     if plain_loss:  # F.cross_entropy on the soft-capped logits, instead of the model's own loss
-        loss_fn = compile(lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+        loss_fn = lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # noqa: E731
     else:
-        loss_fn = compile(model)
+        loss_fn = model  # model(x, y) is the loss
+    loss_fn = torch.compile(loss_fn, dynamic=False, mode=mode)
     loader = data.make_dataloader(random_documents(), V - 1, B, T, "cuda")
     x, y, _ = next(loader)
 

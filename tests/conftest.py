@@ -1,6 +1,9 @@
 """Shared fixtures: a private cache, quick settings and one trained quick run."""
 
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -49,9 +52,6 @@ class FakeLLM:
     """
 
     def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         self.script, self.requests, self.hold = [], [], None
         self.respond = self._next_in_script
         fake = self
@@ -86,8 +86,6 @@ class FakeLLM:
         return self.script.pop(0) if self.script else (400, {"error": {"message": "the test's script is empty"}})
 
     def _answer(self, handler) -> None:
-        import json
-
         body = handler.rfile.read(int(handler.headers["Content-Length"]))
         self.requests.append({"path": handler.path, "auth": handler.headers.get("Authorization"),
                               "body": json.loads(body)})
