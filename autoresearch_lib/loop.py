@@ -33,7 +33,6 @@ import contextlib
 import itertools
 import logging
 import os
-import re
 import statistics
 import threading
 import time
@@ -43,6 +42,7 @@ from typing import Callable
 
 from .agents import Proposal, ProposalError, State
 from .config import quick_mode
+from .redact import redact
 from .runner import TrainResult, run_training
 from .workspace import Workspace, one_line, storage_error
 
@@ -52,8 +52,6 @@ NO_PROPOSAL = "proposal: "  # the reason of a crash row whose proposal failed (n
 AGENT_ERROR = "agent error: "  # ... because of an unexpected exception in the agent
 MAX_AGENT_ERRORS = 3  # that many in a row: the agent is broken, not unlucky
 PROPOSAL_RETRY_MAX = 600.0  # seconds: the longest wait between failing proposals
-# environment variables whose values never appear in what the loop records
-SECRET_NAME_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
 class LoopError(RuntimeError):
@@ -150,14 +148,6 @@ def _holding(ws: Workspace):
             yield
     except OSError as e:
         raise storage_error(e, ws.path) or e
-
-
-def redact(text: str) -> str:
-    """`text` with the value of every secret-looking environment variable replaced by <redacted>."""
-    for name, value in os.environ.items():
-        if SECRET_NAME_RE.search(name) and len(value) >= 8:
-            text = text.replace(value, "<redacted>")
-    return text
 
 
 def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
@@ -306,7 +296,11 @@ def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
         "seconds": exp.seconds, "steps": r.num_steps if r else 0,
         "tokens_M": r.total_tokens_M if r else 0.0, "agent": agent_name,
         "prompt_tokens": usage.get("prompt_tokens", 0),
-        "completion_tokens": usage.get("completion_tokens", 0), "reason": exp.reason})
+        "completion_tokens": usage.get("completion_tokens", 0), "reason": exp.reason,
+        "tok_per_sec": r.tokens_per_second if r else None,
+        "params_M": r.num_params_M if r else None,
+        "flops_per_token": r.flops_per_token if r else None,
+        "load": r.load_avg if r else None, "sandbox": r.sandbox if r else None})
     if exp.status != "keep" and best is not None:
         ws.reset_to(best[0])
     emit(Event("decision", index, {"status": exp.status, "val_bpb": exp.val_bpb,

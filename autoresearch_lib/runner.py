@@ -22,10 +22,10 @@ from typing import Callable
 
 from . import data
 from .config import Settings
+from .redact import without_secrets
 
 PROGRESS_RE = re.compile(r"^step (\d+) \(([\d.]+)%\) \| (.*)$")
 SUMMARY_RE = re.compile(r"^([a-z_A-Z]+):\s+(\S+)\s*$")
-SECRET_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|^OPENAI_|^ANTHROPIC_", re.IGNORECASE)
 OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "MemoryError",
                "DefaultCPUAllocator: can't allocate", "MPS backend out of memory")
 # the last line of a Python error; a SyntaxError in train.py itself comes without a "Traceback"
@@ -64,6 +64,9 @@ class TrainResult:
     depth: int = 0
     tokens_per_second: float = 0.0
     epochs: float = 0.0
+    flops_per_token: float = 0.0  # the model's training FLOPs per token (its size, for fairness)
+    load_avg: float = 0.0  # the machine's 1-minute load average when training ended (-1: unknown)
+    sandbox: str = ""  # how the training was isolated: "bwrap" or "none"
     device: str = ""
     precision: str = ""
     wall_seconds: float = 0.0  # seen from outside: process start to exit
@@ -153,7 +156,7 @@ def classify(log: str, returncode: int | None, summary: dict, timed_out: bool) -
 
 def clean_env(extra: dict | None = None) -> dict:
     """The parent's environment minus anything that looks like a secret, plus the lib's path."""
-    env = {k: v for k, v in os.environ.items() if not SECRET_RE.search(k)}
+    env = without_secrets()
     lib_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [lib_parent, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"

@@ -51,7 +51,11 @@ except ImportError:  # windows has no flock; see Workspace.lock
 
 RESULTS_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "timestamp",
                    "seconds", "steps", "tokens_M", "agent", "prompt_tokens", "completion_tokens",
-                   "reason"]
+                   "reason",
+                   # the conditions a run was measured under (fair comparisons on a busy machine)
+                   "tok_per_sec", "params_M", "flops_per_token", "load",
+                   "sandbox",  # how training was isolated: "bwrap", or "none" (see sandbox.py)
+                   "sig"]  # the loop's HMAC of the row: rows it did not write are refused
 UPSTREAM_COLUMNS = RESULTS_COLUMNS[:5]  # what karpathy/autoresearch writes and its tools read
 STATUSES = ("keep", "discard", "crash")
 TRACKED = ["train.py", "program.md", "settings.json", ".gitignore"]
@@ -60,8 +64,11 @@ GITIGNORE = "results.tsv\nlogs/\nruns/\n*.pt\n.lock\n"
 MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()
 
 _INTS = {"steps", "prompt_tokens", "completion_tokens"}
-_FLOATS = {"val_bpb", "memory_gb", "seconds", "tokens_M"}
-_FORMATS = {"val_bpb": "{:.6f}", "memory_gb": "{:.1f}", "seconds": "{:.1f}", "tokens_M": "{:.3f}"}
+_FLOATS = {"val_bpb", "memory_gb", "seconds", "tokens_M", "tok_per_sec", "params_M",
+           "flops_per_token", "load"}
+_FORMATS = {"val_bpb": "{:.6f}", "memory_gb": "{:.1f}", "seconds": "{:.1f}", "tokens_M": "{:.3f}",
+            "tok_per_sec": "{:.0f}", "params_M": "{:.3f}", "flops_per_token": "{:.4g}",
+            "load": "{:.2f}"}
 # variables that would point git at another repository (e.g. when tests run inside a git hook)
 _GIT_REDIRECTS = {"GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR"}
 
