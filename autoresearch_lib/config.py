@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 QUICK_ENV = "AUTORESEARCH_QUICK"
+MODEL_FILE = "model.pt"  # what a run saves in its folder (harness) and the runner then scores
 
 
 def quick_mode() -> bool:
@@ -36,8 +37,13 @@ class Settings:
     eval_tokens: int = 2**17  # validation tokens scored by evaluate_bpb
     device: str = "auto"  # "auto" (cuda → mps → cpu), or force "cuda", "mps", "cpu"
     seed: int = 42
+    # seconds a run may take on top of its budget (start-up, last step, saving the model);
+    # None: the preset's default (runner.startup_allowance). The runner's outside clock kills a
+    # run at budget + this, so it is also the most extra training a cheating train.py can hide.
+    startup_limit: float | None = None
     cache_dir: str | None = None  # where tokenizers and token files go (default ~/.cache/autoresearch)
-    checkpoint: str | None = None  # where train.py saves the trained model (None: don't save)
+    checkpoint: str | None = None  # where the trained model is kept (None: don't keep it)
+    prepared: str | None = None  # set by the runner: the prepared training data the harness opens
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)

@@ -240,6 +240,21 @@ class Prepared:
 
 
 FINGERPRINTED = ("val.npy", "tokenizer.pkl", "token_bytes.npy")
+TRAINING_FILES = ("train.npy", "tokenizer.pkl", "token_bytes.npy")  # what a training run may see
+
+
+def open_prepared(folder: str | Path) -> Prepared:
+    """The prepared data in `folder`, from its manifest.json alone: no corpus read, no hashing.
+
+    The runner prepares the data once, outside the training sandbox, and shows the run only the
+    training files and a manifest of them (see runner.py); this is how the harness opens them.
+    """
+    folder = Path(folder)
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        raise DataError(f"{folder} holds no prepared data (no manifest.json): run prepare() first.")
+    info = json.loads(manifest.read_text())
+    return Prepared(dir=folder, expected_fingerprint=info.pop("fingerprint", {}), **info)
 
 
 def corpus_key(train: list[str], val: list[str], vocab_size: int) -> str:
@@ -370,6 +385,18 @@ class PackedRows:
                     self._push(rest)
             row[pos:pos + len(doc)] = doc
             pos += len(doc)
+
+
+def validation_rows(prepared: Prepared, seq_len: int, eval_tokens: int) -> np.ndarray:
+    """The fixed validation set: the first rows of an unshuffled packing of the val split,
+    (n_rows, seq_len + 1) int64: inputs are row[:-1], targets row[1:]."""
+    tokens, bos = prepared.tokens("val"), prepared.vocab_size - 1
+    n_rows = max(1, min(eval_tokens // seq_len, len(tokens) // (seq_len + 1)))
+    rows = PackedRows(tokens, bos, seq_len + 1, shuffle=False)
+    batch = np.empty((n_rows, seq_len + 1), dtype=np.int64)
+    for r in range(n_rows):
+        rows.fill(batch[r])
+    return batch
 
 
 def make_dataloader(tokens: np.ndarray, bos: int, batch_size: int, seq_len: int, device="cpu",

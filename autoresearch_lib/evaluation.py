@@ -2,18 +2,23 @@
 
 A checkpoint holds the weights, the model config and the source of the train.py that defined
 the model, so the model can be rebuilt exactly, whatever the agent changed in it.
+`evaluate` scores it as the loop does, with the model in sandboxed processes (scoring.py);
+`load_model` rebuilds it *in this process*, for looking inside it in a notebook — only do that
+with checkpoints you trust, since it runs the train.py saved in them.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import data, harness
+from . import data, harness, sandbox, scoring
 from .config import Settings
 
 
@@ -33,7 +38,7 @@ def load_model(checkpoint: str | Path, device: str = "auto"):
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: train with checkpoint=True first.")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     if not payload.get("train_py"):
         raise ValueError(f"{path} holds no train.py source, so its model cannot be rebuilt.")
     module = types.ModuleType("train_snapshot")  # not __main__, so training does not start
@@ -42,48 +47,94 @@ def load_model(checkpoint: str | Path, device: str = "auto"):
     model = module.GPT(module.GPTConfig(**payload["config"]))
     model.load_state_dict(payload["state_dict"], strict=False)  # buffers are rebuilt, not saved
     dev = harness.detect_device(device)
-    settings = Settings(**payload["settings"])
+    settings = _settings(payload)
     return model.to(dev).eval(), settings, data.prepare(settings, verbose=False)
+
+
+def _settings(payload: dict) -> Settings:
+    """The fixed settings a checkpoint was trained under (where its data lives is found anew)."""
+    known = Settings.__dataclass_fields__
+    settings = Settings(**{k: v for k, v in payload["settings"].items() if k in known})
+    settings.prepared = settings.checkpoint = None
+    return settings
 
 
 @torch.no_grad()
 def sample(model, enc, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int | None = 50, generator: torch.Generator | None = None) -> str:
-    """Generate text after `prompt` (BOS first), one token at a time, recomputing the context."""
+    """Generate text after `prompt` from a model in this process (e.g. one from load_model)."""
     device = next(model.parameters()).device
-    bos = enc.n_vocab - 1
-    ids = torch.tensor([[bos] + enc.encode_ordinary(prompt)], device=device)
-    max_len = model.config.sequence_len
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -max_len:])[:, -1, :].float()
-        if temperature <= 0:
-            next_id = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits[logits < kth] = -float("inf")
-            probs = torch.softmax(logits, -1)
-            next_id = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
-        if next_id.item() == bos:  # the model ended the document
-            break
-        ids = torch.cat([ids, next_id], dim=1)
-    return enc.decode(ids[0, 1:].tolist())
+    next_logits = lambda ids: model(torch.tensor([ids], device=device))[:, -1, :].cpu()
+    return sample_with(next_logits, enc, prompt, max_new_tokens, temperature, top_k,
+                       generator or torch.Generator(), model.config.sequence_len)
 
 
 def evaluate(checkpoint: str | Path, prompt: str = "", num_samples: int = 1,
              max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
              seed: int = 42, bpb: bool = True, device: str = "auto") -> EvalResult:
-    """val_bpb of a checkpoint on the fixed validation set, and `num_samples` text samples."""
-    model, settings, prepared = load_model(checkpoint, device)
-    val_bpb = None
-    if bpb:
-        dev = next(model.parameters()).device
-        rows = harness.validation_rows(prepared, settings)
-        mixed = lambda: harness.autocast(dev, harness.detect_precision(dev))
-        val_bpb = harness.evaluate_bpb(model, rows, prepared.token_bytes(), dev, autocast=mixed)
+    """val_bpb of a checkpoint on the fixed validation set, and `num_samples` text samples.
+
+    Scored exactly as the runner scores an experiment (scoring.py): the checkpoint's model runs
+    in sandboxed model servers, never in this process, and its answers are spot-checked.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: train with checkpoint=True first.")
+    payload = torch.load(path, map_location="cpu", weights_only=True)  # runs no code from it
+    if not payload.get("train_py"):
+        raise ValueError(f"{path} holds no train.py source, so its model cannot be rebuilt.")
+    settings = _settings(payload)
+    settings.device = device
+    prepared = data.prepare(settings, verbose=False)
+    use_sandbox = sandbox.mode() == "bwrap"
+    log: list[str] = []
+    try:
+        val_bpb = (scoring.score(payload["train_py"], path, settings, prepared, use_sandbox, log,
+                                 timeout=600).val_bpb if bpb else None)
+        samples = _samples(payload["train_py"], path, settings, prepared, use_sandbox, log,
+                           prompt, num_samples, max_new_tokens, temperature, top_k, seed)
+    except scoring.ScoringError as e:
+        detail = "\n".join(log[-10:])
+        raise RuntimeError(f"could not evaluate {path}: {e}\n{detail}".rstrip()) from None
+    return EvalResult(val_bpb=val_bpb, samples=samples, checkpoint=str(checkpoint))
+
+
+def _samples(train_py, path, settings, prepared, use_sandbox, log, prompt, num_samples,
+             max_new_tokens, temperature, top_k, seed) -> list[str]:
+    """Text from the model, one token at a time, each step a request to a model server."""
+    if num_samples <= 0:
+        return []
     enc = prepared.tokenizer()
     gen = torch.Generator().manual_seed(seed)
-    samples = [sample(model, enc, prompt, max_new_tokens, temperature, top_k, gen)
-               for _ in range(num_samples)]
-    return EvalResult(val_bpb=val_bpb, samples=samples, checkpoint=str(checkpoint))
+    with scoring.model_folder(train_py, path) as folder:
+        server = scoring.ModelServer(folder, settings, use_sandbox, log, time.time() + 600, "sampler")
+        try:
+            server.wait_ready()
+            next_logits = lambda ids: torch.from_numpy(
+                server.ask("logits", np.asarray([ids]), positions=[len(ids) - 1]).copy())
+            return [sample_with(next_logits, enc, prompt, max_new_tokens, temperature, top_k,
+                                gen, settings.seq_len) for _ in range(num_samples)]
+        finally:
+            server.close()
+
+
+def sample_with(next_logits, enc, prompt: str, max_new_tokens: int, temperature: float,
+                top_k: int | None, generator: torch.Generator, max_len: int) -> str:
+    """Generate text after `prompt` (BOS first); `next_logits(ids)` gives the logits (1, vocab)
+    for the token after `ids`."""
+    bos = enc.n_vocab - 1
+    ids = [bos] + enc.encode_ordinary(prompt)
+    for _ in range(max_new_tokens):
+        logits = next_logits(ids[-max_len:]).float()
+        if temperature <= 0:
+            next_id = int(logits.argmax(-1))
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits[logits < kth] = -float("inf")
+            next_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        if next_id == bos:  # the model ended the document
+            break
+        ids.append(next_id)
+    return enc.decode(ids[1:])

@@ -2,8 +2,8 @@
 
 train.py (which the agent edits) owns the model, the optimizer and the training step. The
 harness owns everything that must stay the same between experiments so that their val_bpb can
-be compared: the device and precision, the data, the wall-clock budget, the metric and the
-final report. Usage, in train.py:
+be compared: the device and precision, the data, the wall-clock budget and the final report.
+Usage, in train.py:
 
     run = harness.setup()                       # settings, device, precision, data
     loader = run.train_loader(batch_size)
@@ -11,7 +11,14 @@ final report. Usage, in train.py:
     while not run.done:                         # the budget is measured here, not by train.py
         ... forward / backward / optimizer step ...
         run.step_done(loss, lrm=lr_multiplier)  # timing, progress line, NaN check
-    run.finish(model, config)                   # evaluate_bpb + the summary block
+    run.finish(model, config)                   # checkpoint + the training summary
+
+Under the runner the harness runs *inside the experiment's process*, so nothing it measures can
+be trusted against a train.py written to cheat (Python hides nothing from code in the same
+process). Its checks catch honest mistakes early and explain them; the guarantees come from
+outside: the runner's sandbox and wall clock, and val_bpb computed by the runner from the saved
+checkpoint, in separate processes (scoring.py). Run directly (`python train.py`), `finish`
+also evaluates the model here and prints val_bpb, as upstream's script does.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import pickle
 import resource
 import sys
 import threading
@@ -31,12 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from . import data
-from .config import Settings, make_settings
+from .config import MODEL_FILE, Settings, make_settings
 
 SETTINGS_ENV = "AUTORESEARCH_SETTINGS"  # path of the settings.json the runner wrote
 RUNNER_ENV = "AUTORESEARCH_RUNNER"  # set when the runner started this process
-# the runner's secret id for this run, taken out of the environment before train.py runs
-_RUN_ID = os.environ.pop("AUTORESEARCH_RUN_ID", "")
+# warm-up steps that may stay off the budget (compilation happens in the first ones)
+MAX_EXCLUDED_STEPS = {"cuda": 3}  # other devices: 1
 # when the experiment's process started: the runner passes it; else the harness's import time
 T_PROCESS_START = float(os.environ.get("AUTORESEARCH_T0", time.time()))
 
@@ -102,13 +108,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def validation_rows(prepared: data.Prepared, settings: Settings) -> torch.Tensor:
     """The fixed validation set: the first rows of an unshuffled packing of the val split."""
-    tokens, bos, seq_len = prepared.tokens("val"), prepared.vocab_size - 1, settings.seq_len
-    n_rows = max(1, min(settings.eval_tokens // seq_len, len(tokens) // (seq_len + 1)))
-    rows = data.PackedRows(tokens, bos, seq_len + 1, shuffle=False)
-    batch = torch.empty((n_rows, seq_len + 1), dtype=torch.int64)
-    for r in range(n_rows):
-        rows.fill(batch[r].numpy())
-    return batch
+    return torch.from_numpy(data.validation_rows(prepared, settings.seq_len, settings.eval_tokens))
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,6 +117,15 @@ class TrainingDiverged(RuntimeError):
 
 class IntegrityError(RuntimeError):
     """The run broke a rule the metric depends on (causality, the budget, the data)."""
+
+
+def fail(code: str, message: str) -> None:
+    """Print the one line the runner reads to classify a failed run: `FAIL <code>: <message>`.
+
+    The runner maps the code (see runner.FAIL_REASONS), never the wording, to the reason in
+    results.tsv, so a message can be reworded freely.
+    """
+    print(f"FAIL {code}: {message}", flush=True)
 
 
 @torch.no_grad()
@@ -170,10 +179,9 @@ class Run:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.data = data.prepare(settings, verbose=False)
-        self.fingerprint = self.data.fingerprint()  # checked again before evaluation
-        if self.data.expected_fingerprint:
-            self.data.verify(self.data.expected_fingerprint)  # as prepare() recorded it
+        # under the runner: the training files it prepared (the validation tokens are not there)
+        self.data = (data.open_prepared(settings.prepared) if settings.prepared
+                     else data.prepare(settings, verbose=False))
         self.vocab_size = self.data.vocab_size
         self.bos = self.vocab_size - 1
         self.seq_len = settings.seq_len
@@ -181,7 +189,6 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.training_seconds = 0, 0, 0.0
         self.timed_tokens = 0  # tokens of the steps that count against the budget
-        self._eval_rows = None
         print(f"device: {self.device} ({self.device_name}) | precision: {self.precision} | "
               f"budget: {settings.budget:g}s | data: {settings.dataset}, "
               f"{self.data.train_tokens:,} train tokens, vocab {self.vocab_size}", flush=True)
@@ -221,11 +228,12 @@ class Run:
 
     # ------------------------------------------------------------------ the clock
     def begin(self, model, tokens_per_step: int, exclude_steps: int | None = None) -> None:
-        """Start the training clock. The first steps (compilation, warm-up) don't count."""
+        """Start the training clock. The first steps (compilation, warm-up) don't count, but
+        never more than MAX_EXCLUDED_STEPS of them, whatever train.py asks for."""
         self.model_flops = getattr(model, "estimate_flops", lambda: None)()
         self.tokens_per_step = tokens_per_step
-        self.exclude_steps = exclude_steps if exclude_steps is not None else (
-            3 if self.device.type == "cuda" else 1)
+        most = MAX_EXCLUDED_STEPS.get(self.device.type, 1)
+        self.exclude_steps = most if exclude_steps is None else max(0, min(int(exclude_steps), most))
         self.peak = peak_flops(self.device)
         self._t_last = self.t_begin = time.time()
         self.excluded_seconds, self.last_dt = 0.0, 0.0
@@ -257,7 +265,7 @@ class Run:
             self.excluded_seconds += dt
             self.t_training_start = now
         if not math.isfinite(loss) or loss > 100:
-            print(f"FAIL: training diverged, loss={loss} at step {self.step}", flush=True)
+            fail("nan_loss", f"training diverged, loss={loss} at step {self.step}")
             raise TrainingDiverged(f"loss is {loss} at step {self.step}")
         self.epoch = epoch if epoch is not None else getattr(self, "epoch", 1)
         if self.step <= 5 or now - self._t_printed >= 1.0 or self.done:
@@ -279,16 +287,14 @@ class Run:
         return 100 * self.model_flops * tokens_per_second / self.peak
 
     # ------------------------------------------------------------------ the metric
-    def eval_rows(self) -> torch.Tensor:
-        if self._eval_rows is None:
-            self._eval_rows = validation_rows(self.data, self.settings)
-        return self._eval_rows
-
     @torch.no_grad()
     def evaluate(self, model, batch_size: int = 32) -> float:
-        """evaluate_bpb on the fixed validation rows."""
-        return evaluate_bpb(model, self.eval_rows(), self.data.token_bytes(), self.device,
-                            batch_size, self.autocast)
+        """evaluate_bpb on the fixed validation rows (run directly only: under the runner the
+        validation tokens are not even visible here, and scoring.py scores the checkpoint)."""
+        rows = validation_rows(self.data, self.settings)
+        causality_probe(model, rows[0], self.device, self.autocast)
+        return evaluate_bpb(model, rows, self.data.token_bytes(), self.device, batch_size,
+                            self.autocast)
 
     # ------------------------------------------------------------------ the report
     def peak_memory_mb(self) -> float:
@@ -302,31 +308,36 @@ class Run:
         """The harness measured the training time; refuse a run that trained past the budget."""
         budget = self.settings.budget
         if self.training_seconds > budget + self.last_dt + 0.01 * budget:  # one step may cross it
-            raise IntegrityError(f"trained {self.training_seconds:.1f}s, past the {budget:g}s budget: "
-                                 "train.py must stop when run.done is True.")
+            fail("over_budget", f"trained {self.training_seconds:.1f}s, past the {budget:g}s "
+                 "budget: train.py must stop when run.done is True.")
+            raise IntegrityError("over budget")
         outside = time.time() - self.t_begin - self.training_seconds - self.excluded_seconds
         if outside > 0.1 * budget + 10:
-            raise IntegrityError(f"{outside:.0f}s passed between training steps without "
-                                 "run.step_done(): all training must be on the harness's clock.")
+            fail("off_clock", f"{outside:.0f}s passed between training steps without "
+                 "run.step_done(): all training must be on the harness's clock.")
+            raise IntegrityError("off the clock")
 
-    def finish(self, model, config=None, eval_batch_size: int = 32) -> float:
-        """Check the rules, evaluate, print upstream's summary block, save a checkpoint if asked."""
+    def finish(self, model, config=None, eval_batch_size: int = 32) -> float | None:
+        """Check the clock, save the model, print the summary block (and, run directly, val_bpb).
+
+        Under the runner this ends the process: the runner scores model.pt in a separate process.
+        """
         model.eval()
-        try:
-            self.check_clock()
-            self.data.verify(self.fingerprint)
-            causality_probe(model, self.eval_rows()[0], self.device, self.autocast)
-        except (IntegrityError, data.DataError) as e:
-            print(f"FAIL: {e}", flush=True)
-            raise
-        val_bpb = self.evaluate(model, eval_batch_size)
+        if not hasattr(self, "t_begin"):
+            fail("off_clock", "run.begin() was never called: the training clock never started.")
+            raise IntegrityError("off the clock")
+        self.check_clock()
+        under_runner = bool(os.environ.get(RUNNER_ENV))
+        path = MODEL_FILE if under_runner else (self.settings.checkpoint or MODEL_FILE)
+        save_checkpoint(path, model, config, self.settings)
+        val_bpb = None if under_runner else self.evaluate(model, eval_batch_size)
         t_end = time.time()
         startup = (self.t_training_start or t_end) - T_PROCESS_START
         num_params = sum(p.numel() for p in model.parameters())
         tok_s = self.timed_tokens / self.training_seconds if self.training_seconds else 0.0
         train_tokens_seen = self.tokens / max(1, self.data.train_tokens)
         summary = {
-            "val_bpb": f"{val_bpb:.6f}",
+            **({} if val_bpb is None else {"val_bpb": f"{val_bpb:.6f}"}),
             "training_seconds": f"{self.training_seconds:.1f}",
             "total_seconds": f"{t_end - T_PROCESS_START:.1f}",
             "peak_vram_mb": f"{self.peak_memory_mb():.1f}",
@@ -341,15 +352,13 @@ class Run:
             "epochs": f"{train_tokens_seen:.2f}",
             "device": self.device_name.replace(" ", "_"),
             "precision": self.precision,
+            # the fixed settings as this process saw them: the runner checks them against its own
+            "budget": f"{self.settings.budget:g}",
+            "dataset": self.settings.dataset,
         }
         lines = ["---", *(f"{key + ':':<20}{value}" for key, value in summary.items())]
-        if _RUN_ID:  # signed, so the runner can tell it from a summary train.py printed itself
-            lines.append(f"{'run_id:':<20}{_RUN_ID}")
-        sys.stdout.flush()
-        os.write(sys.__stdout__.fileno(), ("\n".join(lines) + "\n").encode())  # past any sys.stdout patch
-        if self.settings.checkpoint:
-            save_checkpoint(self.settings.checkpoint, model, config, self.settings, val_bpb)
-        if os.environ.get(RUNNER_ENV):  # a child of the runner: skip the slow interpreter teardown
+        print("\n".join(lines), flush=True)
+        if under_runner:  # a child of the runner: skip the slow interpreter teardown
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
@@ -385,13 +394,17 @@ def evaluate_bpb(model, rows: torch.Tensor, token_bytes, device, batch_size: int
     return total_nats / (math.log(2) * total_bytes)
 
 
-def save_checkpoint(path, model, config, settings: Settings, val_bpb: float) -> None:
-    """Weights + config + the train.py source that defines the model (evaluate rebuilds it)."""
+def save_checkpoint(path, model, config, settings: Settings) -> None:
+    """Weights + config + the train.py source that defines the model (evaluate rebuilds it).
+
+    Plain tensors, numbers and text only, so it loads with torch.load(weights_only=True):
+    loading a checkpoint never runs code from it.
+    """
     script = Path(sys.argv[0]).read_text() if sys.argv and sys.argv[0].endswith(".py") else None
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     config = asdict(config) if is_dataclass(config) else config
     payload = {"state_dict": state, "config": config, "train_py": script,
-               "settings": asdict(settings), "val_bpb": val_bpb}
+               "settings": asdict(settings)}
     tmp = Path(str(path) + ".tmp")
-    torch.save(payload, tmp, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save(payload, tmp)
     os.replace(tmp, path)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import statistics
 import threading
 import time
@@ -269,10 +268,8 @@ def _train(ws, index, emit, stop, executor) -> TrainResult:
     settings.checkpoint = None  # experiments are judged by their number, not kept as models
     result = executor(ws.train_py, settings, ws.path / "runs" / f"{index:04d}",
                       on_progress=lambda p: emit(Event("progress", index, {"progress": p})),
-                      on_line=lambda line: emit(Event("line", index, {"line": line})), stop=stop)
-    ws.log_dir.mkdir(exist_ok=True)
-    log = ws.log_path(index)
-    log.write_text(open(result.log_path, errors="replace").read() if result.log_path else "")
+                      on_line=lambda line: emit(Event("line", index, {"line": line})), stop=stop,
+                      log_path=ws.log_path(index))  # where the workspace keeps it, out of the run's reach
     emit(Event("result", index, {"result": result}))
     return result
 

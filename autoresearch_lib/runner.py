@@ -1,28 +1,39 @@
-"""The runner: train one train.py in a subprocess, watch it, and say how it went.
+"""The runner: train one train.py, score the model it saved, and say how it went.
 
-Contract (kept serializable so a Ray executor can replace this one later): the text of train.py
-and a `Settings` go in; a `TrainResult` and `run_dir/run.log` come out. The subprocess runs in
-its own process group with cwd = run_dir and an environment without API keys; a hard timeout
-kills the whole group.
+Contract (serializable, so a Ray task can run it anywhere): the text of train.py and a
+`Settings` go in; a `TrainResult` and the run's log come out. No global state.
+
+    1. prepare the data (here, once; the run only reads the training files)
+    2. train: `python -m autoresearch_lib.launch train.py` in the sandbox (sandbox.py), cwd =
+       run_dir, under an outside clock: budget + start-up allowance, then the whole process
+       group is killed. Its output is read live (progress) and kept capped (output.py).
+    3. score: the model it saved (model.pt) is scored by scoring.py, in separate processes
+       train.py's code cannot reach; val_bpb comes from there, never from the run's own output.
+    4. check that the evaluation data is as before, and write the log.
+
+What the training process reports about itself (steps, tokens/s, memory) is informative; what
+decides — the clock, the data, val_bpb — is measured from outside it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from . import data
-from .config import Settings
-from .redact import without_secrets
+from . import data, sandbox, scoring
+from .config import MODEL_FILE, Settings
+from .output import OutputCapture
 
 PROGRESS_RE = re.compile(r"^step (\d+) \(([\d.]+)%\) \| (.*)$")
 SUMMARY_RE = re.compile(r"^([a-z_A-Z]+):\s+(\S+)\s*$")
@@ -69,7 +80,8 @@ class TrainResult:
     sandbox: str = ""  # how the training was isolated: "bwrap" or "none"
     device: str = ""
     precision: str = ""
-    wall_seconds: float = 0.0  # seen from outside: process start to exit
+    wall_seconds: float = 0.0  # seen from outside: start to the end of scoring
+    eval_seconds: float = 0.0  # scoring (both model servers, the spot checks)
     returncode: int | None = None
     run_dir: str = ""
     log_path: str = ""
@@ -121,19 +133,33 @@ def parse_summary(log: str) -> dict:
     return {m[1]: m[2] for m in map(SUMMARY_RE.match, block.splitlines()) if m}
 
 
+# the harness's and the scorer's failure codes (`FAIL <code>: …`) and what results.tsv records
+FAIL_REASONS = {
+    "nan_loss": "nan", "over_budget": "over budget", "off_clock": "off the clock",
+    "non_causal": "non-causal", "data_changed": "data changed", "timeout": "timeout",
+    "no_checkpoint": "no checkpoint", "bad_checkpoint": "bad checkpoint",
+    "eval_failed": "evaluation failed", "settings_changed": "settings changed",
+    "forged_summary": "forged summary",
+}
+FAIL_RE = re.compile(r"^FAIL (\w+): ", re.MULTILINE)
+
+
+def failure(code: str, detail: str = "") -> str:
+    """The results.tsv reason for a failure code, e.g. failure("eval_failed", "ValueError …")."""
+    reason = FAIL_REASONS.get(code, code)
+    return f"{reason}: {detail}"[:300] if detail else reason
+
+
 def classify(log: str, returncode: int | None, summary: dict, timed_out: bool) -> tuple[str, str]:
-    """(status, reason) of a finished run, from its exit and its log."""
+    """(status, reason) of a finished training process, from its exit and its output."""
     tail = log[-20000:]
     if timed_out:
         return "crash", "timeout"
-    if "FAIL: training diverged" in tail or "TrainingDiverged" in tail:
+    codes = FAIL_RE.findall(tail)
+    if codes:
+        return "crash", failure(codes[-1])
+    if "TrainingDiverged" in tail:
         return "crash", "nan"
-    if "FAIL: non-causal" in tail:
-        return "crash", "non-causal"
-    for marker, reason in (("past the", "over budget"), ("without run.step_done", "off the clock"),
-                           ("evaluation data changed", "data changed")):
-        if "FAIL: " in tail and marker in tail:
-            return "crash", reason
     if any(marker in tail for marker in OOM_MARKERS) or returncode == -signal.SIGKILL:
         return "crash", "oom"
     if returncode != 0:
@@ -141,130 +167,247 @@ def classify(log: str, returncode: int | None, summary: dict, timed_out: bool) -
         if lines and ("Traceback" in tail or ERROR_LINE_RE.match(lines[-1].strip())):
             return "crash", f"exception: {lines[-1].strip()[:200]}"
         return "crash", f"exit code {returncode}"
-    if "forged" in summary:
+    if "val_bpb" in summary:  # the training process can't know val_bpb: it printed a fake one
         return "crash", "forged summary"
-    if "val_bpb" not in summary:
+    if "training_seconds" not in summary:
         return "crash", "no summary"
-    try:
-        val_bpb = float(summary["val_bpb"])
-    except ValueError:
-        return "crash", "no summary"
-    if val_bpb != val_bpb or val_bpb == float("inf"):
-        return "crash", "nan"
     return "ok", ""
 
 
 def clean_env(extra: dict | None = None) -> dict:
-    """The parent's environment minus anything that looks like a secret, plus the lib's path."""
-    env = without_secrets()
-    lib_parent = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [lib_parent, env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    # idle OpenMP threads sleep instead of spinning: on a busy CPU (a laptop running a notebook,
-    # CI) spinning threads made small CPU runs 10-25x slower; on a quiet one it costs nothing
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """The environment of a run: the sandbox's allow-list (no API keys, whatever their names),
+    the kit on the path, and `extra`."""
+    env = sandbox.environment({
+        "PYTHONPATH": str(sandbox.package_dir().parent), "PYTHONUNBUFFERED": "1", "HOME": "/tmp",
+        # idle OpenMP threads sleep instead of spinning: on a busy CPU (a laptop running a
+        # notebook, CI) spinning threads made small CPU runs 10-25x slower
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
     env.update(extra or {})
     return env
 
 
+def startup_allowance(settings: Settings) -> float:
+    """Seconds a run may take before and after its budget: start-up (Python, torch, building the
+    model; compilation on a GPU), the last step, saving the model. The outside clock allows
+    budget + this, so it is also the most extra training a cheating train.py could hide."""
+    if settings.startup_limit is not None:
+        return settings.startup_limit
+    gpu = settings.preset in ("h100", "small-gpu")
+    return (150.0 if gpu else 30.0) + 0.1 * settings.budget
+
+
 def default_timeout(settings: Settings) -> float:
-    """Budget + evaluation + a start-up allowance (compilation on a GPU takes a while)."""
-    return settings.budget * 1.5 + 120 + (240 if settings.preset in ("h100", "small-gpu") else 0)
+    """The training process's wall-clock limit, measured from outside: budget + allowance."""
+    return settings.budget + startup_allowance(settings)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the run's whole process group, then SIGKILL whatever is left."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGKILL the run's whole process group (the sandbox takes everything inside with it)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def run_training(script_text: str, settings: Settings, run_dir: str | Path,
                  on_progress: Callable[[Progress], None] | None = None,
                  on_line: Callable[[str], None] | None = None,
-                 timeout: float | None = None, stop: threading.Event | None = None) -> TrainResult:
-    """Train `script_text` under `settings` in `run_dir`; stream progress; return the result."""
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train.py").write_text(script_text)
-    settings.to_json(run_dir / "settings.json")
-    log_path = run_dir / "run.log"
-    timeout = timeout or default_timeout(settings)
-    prepared = data.prepare(settings, verbose=False)
-    fingerprint = prepared.fingerprint()  # checked again after the run, from outside it
-    env = clean_env({"AUTORESEARCH_SETTINGS": str(run_dir / "settings.json")})
-    result = TrainResult(run_dir=str(run_dir), log_path=str(log_path))
+                 timeout: float | None = None, stop: threading.Event | None = None,
+                 log_path: str | Path | None = None) -> TrainResult:
+    """Train `script_text` under `settings` in `run_dir`, score the model; return the result.
+
+    The log goes to `log_path` (default run_dir/run.log). See the module docstring.
+    """
     t0 = time.time()
-    env["AUTORESEARCH_T0"] = repr(t0)  # so start-up includes the interpreter and torch import
-    env["AUTORESEARCH_RUNNER"] = "1"  # the harness exits fast, and with us if we die
-    env["AUTORESEARCH_RUN_ID"] = run_id = secrets.token_hex(16)  # the harness signs its summary
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "autoresearch_lib.launch", "train.py"],
-                                cwd=run_dir, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, start_new_session=True)  # its own process group
-        timer = threading.Timer(timeout, kill_group, [proc])
-        timer.start()
-        watcher = threading.Thread(target=_watch_stop, args=(proc, stop), daemon=True)
-        watcher.start()
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if on_line:
-                    on_line(line.rstrip("\n"))
-                progress = parse_progress(line)
-                if progress:
-                    result.losses.append((progress.step, progress.loss))
-                    if on_progress:
-                        on_progress(progress)
-            proc.wait()
-        finally:
-            timer.cancel()
-            if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): take the group down
-                kill_group(proc)
-    timed_out = not (stop and stop.is_set()) and time.time() - t0 >= timeout
-    result = _finish(result, log_path, proc.returncode, time.time() - t0, timed_out, stop, settings,
-                     run_id)
-    if result.ok and prepared.fingerprint() != fingerprint:
-        result.status, result.reason, result.val_bpb = "crash", "data changed", None
-    return result
+    run_dir = _fresh_dir(Path(run_dir).resolve())
+    log_path = Path(log_path).resolve() if log_path else run_dir / "run.log"
+    (run_dir / "train.py").write_text(script_text, encoding="utf-8")
+    prepared = data.prepare(settings, verbose=False)  # here, once: the run itself only reads
+    fingerprint = prepared.fingerprint()  # checked again after the run
+    use_sandbox = sandbox.mode() == "bwrap"
+    result = TrainResult(run_dir=str(run_dir), log_path=str(log_path),
+                         sandbox="bwrap" if use_sandbox else "none")
+    lines: list[str] = []  # the runner's own lines, added to the log
 
+    def say(line: str) -> None:
+        lines.append(line)
+        if on_line:
+            on_line(line)
 
-def _watch_stop(proc: subprocess.Popen, stop: threading.Event | None) -> None:
-    while stop is not None and proc.poll() is None:
-        if stop.wait(0.2):
-            kill_group(proc)
-            return
-
-
-def _finish(result, log_path, returncode, wall, timed_out, stop, settings, run_id) -> TrainResult:
-    log = Path(log_path).read_text(errors="replace")
+    if not use_sandbox:
+        say(f"{sandbox.NO_SANDBOX_WARNING} ({sandbox.why_not()})")
+    private = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
+    try:
+        capture, returncode, timed_out = _train(script_text, settings, run_dir, prepared, private,
+                                                use_sandbox, result, on_progress, on_line,
+                                                timeout or default_timeout(settings), stop, t0)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    log = capture.text()
     summary = parse_summary(log)
-    if summary and summary.get("run_id") != run_id:  # printed by train.py, not by the harness
-        summary = {"forged": "yes"}
-    result.returncode, result.wall_seconds = returncode, wall
-    if stop is not None and stop.is_set() and returncode != 0:
+    result.returncode = returncode
+    if stop is not None and stop.is_set():
         result.status, result.reason = "stopped", "stopped by the user"
     else:
         result.status, result.reason = classify(log, returncode, summary, timed_out)
+        if timed_out:
+            say(f"timeout: the run was still going after {time.time() - t0:.0f}s, the limit for a "
+                f"{settings.budget:g}s budget (start-up allowance included), so it was killed")
+    _fill(result, summary)
+    if result.ok:
+        _check_settings(result, summary, settings)
+    if result.ok and prepared.fingerprint() != fingerprint:  # before scoring with them
+        result.status, result.reason = "crash", failure("data_changed")
+    if result.ok:
+        _score(result, script_text, settings, prepared, run_dir, use_sandbox, say)
+    result.load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else -1.0
+    result.wall_seconds = time.time() - t0
+    if result.ok:
+        for key in ("val_bpb", "sandbox"):
+            say(f"{key + ':':<20}{getattr(result, key) if key != 'val_bpb' else f'{result.val_bpb:.6f}'}")
+    else:
+        result.val_bpb = None
+        say(f"FAIL {result.reason}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(log + "".join(f"{line}\n" for line in lines), encoding="utf-8")
+    if not result.ok:
+        result.error_tail = "\n".join((log + "\n".join(lines)).strip().splitlines()[-30:])
+    return result
+
+
+def _fresh_dir(run_dir: Path) -> Path:
+    """An empty run folder: what an earlier attempt left there moves to NAME.prev, so nothing
+    a run wrote (weights, say) is ever in the next run's view."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        previous = run_dir.with_name(run_dir.name + ".prev")
+        shutil.rmtree(previous, ignore_errors=True)
+        run_dir.rename(previous)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _train(script_text, settings, run_dir, prepared, private, use_sandbox, result, on_progress,
+           on_line, limit, stop, t0):
+    """Run the training process under the outside clock; (capture, returncode, timed_out)."""
+    # what the run may read: the training tokens and a manifest of them; settings it can't edit
+    (private / "data").mkdir()
+    info = json.loads((prepared.dir / "manifest.json").read_text())
+    info.pop("fingerprint", None)
+    (private / "data" / "manifest.json").write_text(json.dumps(info))
+    inside = "/autoresearch" if use_sandbox else str(private)
+    run_settings = replace(settings, checkpoint=None, prepared=f"{inside}/data")
+    run_settings.to_json(private / "settings.json")
+    env = clean_env({"AUTORESEARCH_SETTINGS": f"{inside}/settings.json",
+                     "AUTORESEARCH_T0": repr(t0), "AUTORESEARCH_RUNNER": "1"})
+    argv = [sys.executable, "-m", "autoresearch_lib.launch", "train.py"]
+    if use_sandbox:
+        files = {f"{inside}/settings.json": private / "settings.json",
+                 f"{inside}/data/manifest.json": private / "data" / "manifest.json",
+                 **{f"{inside}/data/{name}": prepared.dir / name for name in data.TRAINING_FILES}}
+        argv = sandbox.command(argv, cwd=run_dir, writable=[run_dir] + _compile_cache(env),
+                               files=files)
+    else:
+        for name in data.TRAINING_FILES:
+            os.symlink(prepared.dir / name, private / "data" / name)
+    proc = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group
+
+    def line(text: str) -> None:
+        progress = parse_progress(text)
+        if progress:
+            if not result.losses:
+                result.startup_seconds = time.time() - t0  # measured here, not by the run
+            result.losses.append((progress.step, progress.loss))
+            if on_progress:
+                on_progress(progress)
+        if on_line:
+            on_line(text)
+
+    capture = OutputCapture(os.dup(proc.stdout.fileno()), on_line=line)
+    proc.stdout.close()
+    timed_out = _wait(proc, t0 + limit, stop)
+    if not capture.wait(2.0):  # something outside the run still holds its output: stop reading
+        capture.stop()
+    return capture, proc.returncode, timed_out
+
+
+def _wait(proc: subprocess.Popen, deadline: float, stop: threading.Event | None) -> bool:
+    """Wait for the training process; kill it at the deadline or on stop. True if it timed out."""
+    try:
+        while proc.poll() is None:
+            if stop is not None and stop.is_set():
+                kill_group(proc)
+                return False
+            if time.time() >= deadline:
+                kill_group(proc)
+                return True
+            try:
+                proc.wait(0.2)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): take the group down
+            kill_group(proc)
+    return False
+
+
+def _compile_cache(env: dict) -> list[Path]:
+    """On a GPU machine: a compile cache shared by the runs (torch.compile is slow when cold)."""
+    from .sandbox import gpu_devices
+
+    if not gpu_devices():
+        return []
+    from .config import cache_dir
+
+    folder = cache_dir() / "compile"
+    folder.mkdir(parents=True, exist_ok=True)
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
+    env.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    return [folder]
+
+
+def _fill(result: TrainResult, summary: dict) -> None:
+    """The numbers of the training summary (the run's own report: informative, not trusted)."""
     for key, value in summary.items():
-        if key in TrainResult.__dataclass_fields__ and key not in ("status", "reason"):
+        if key in TrainResult.__dataclass_fields__ and key not in (
+                "status", "reason", "val_bpb", "sandbox", "startup_seconds"):
             kind = type(getattr(result, key))
             try:
                 setattr(result, key, value if kind is str else kind(float(value)) if kind is int else float(value))
             except ValueError:
                 pass
-    if not result.ok:
-        result.val_bpb = None
-        result.error_tail = "\n".join(log.strip().splitlines()[-30:])
-    if settings.checkpoint and Path(settings.checkpoint).exists():
-        result.checkpoint = settings.checkpoint
-    return result
+
+
+def _check_settings(result: TrainResult, summary: dict, settings: Settings) -> None:
+    """The run echoes the budget and data it used: they must be the ones it was given."""
+    echoed = {"budget": f"{settings.budget:g}", "dataset": settings.dataset}
+    changed = [k for k, v in echoed.items() if summary.get(k) != v]
+    if changed:
+        result.status, result.reason = "crash", failure(
+            "settings_changed", ", ".join(f"{k} {summary.get(k)} instead of {echoed[k]}" for k in changed))
+
+
+def _score(result, script_text, settings, prepared, run_dir, use_sandbox, say) -> None:
+    """val_bpb of the saved model, by scoring.py (see there); a failure makes the run a crash."""
+    server_lines: list[str] = []
+    try:
+        scored = scoring.score(script_text, run_dir / MODEL_FILE, settings, prepared, use_sandbox,
+                               server_lines, timeout=120 + settings.budget)
+    except scoring.ScoringError as e:
+        result.status, result.reason = "crash", failure(e.code, str(e) if e.code == "eval_failed" else "")
+        for line in [*server_lines[-20:], f"scoring failed: {e}"]:
+            say(line)
+        return
+    result.val_bpb = scored.val_bpb
+    result.eval_seconds = scored.seconds
+    if settings.checkpoint:  # a verified copy where the user asked for the model
+        target = Path(settings.checkpoint)
+        tmp = target.with_name(target.name + ".tmp")
+        scoring.safe_copy(run_dir / MODEL_FILE, tmp)
+        os.replace(tmp, target)
+        result.checkpoint = str(target)

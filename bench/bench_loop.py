@@ -92,11 +92,11 @@ def real_experiments(root: Path, n: int, budget: float) -> list[dict]:
 # ---------------------------------------------------------------- part 2: bookkeeping only
 
 def fake_executor(script_text, settings, run_dir, on_progress=None, on_line=None, timeout=None,
-                  stop=None) -> TrainResult:
+                  stop=None, log_path=None) -> TrainResult:
     """Trains nothing: a random val_bpb and a small log, in microseconds."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir / "run.log"
+    log = Path(log_path or run_dir / "run.log")
     val_bpb = random.uniform(1.0, 1.1)
     log.write_text(f"fake\n---\nval_bpb: {val_bpb:.6f}\n")
     return TrainResult(status="ok", val_bpb=val_bpb, peak_vram_mb=100.0, num_steps=1,

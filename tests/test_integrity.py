@@ -2,11 +2,12 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
 import autoresearch_lib as ar
-from autoresearch_lib import harness
+from autoresearch_lib import harness, sandbox
 from autoresearch_lib.baseline import render_train_py
 
 
@@ -62,16 +63,26 @@ def test_training_off_the_clock_is_rejected(tmp_path, cache):
     assert result.status == "crash" and result.reason == "off the clock"
 
 
-def test_changing_the_validation_data_is_caught(tmp_path):
+@pytest.mark.parametrize("sandboxed", [True, False])
+def test_changing_the_validation_data_is_caught(tmp_path, monkeypatch, sandboxed):
+    if sandboxed and sandbox.mode() != "bwrap":
+        pytest.skip("no bubblewrap sandbox on this machine")
+    monkeypatch.setenv("AUTORESEARCH_SANDBOX", "auto" if sandboxed else "0")
     tamper = render_train_py("quick").replace(
         "    run.finish(model, config)",
-        "    import numpy as np\n"
-        "    path = run.data.dir / 'val.npy'\n"
-        "    np.save(open(path, 'wb'), np.full(1000, 5, dtype=np.uint16))  # an easy 'validation set'\n"
+        "    import glob, numpy as np\n"
+        "    for path in glob.glob(run.settings.cache_dir + '/*/val.npy'):  # the real cache\n"
+        "        np.save(open(path, 'wb'), np.full(1000, 5, dtype=np.uint16))  # an easy 'validation set'\n"
         "    run.finish(model, config)")
-    result = run(tmp_path, tmp_path / "own-cache", tamper)  # its own cache: it gets spoiled
-    assert result.status == "crash" and result.reason == "data changed"
-    assert re.search(r"evaluation data changed", result.error_tail)
+    cache = tmp_path / "own-cache"  # its own cache: it may get spoiled
+    result = run(tmp_path, cache, tamper)
+    val = next(cache.glob("*/val.npy"))
+    if sandboxed:  # the cache is not even visible: the run trains and is scored honestly
+        assert result.ok and result.sandbox == "bwrap" and result.val_bpb > 1.0
+        assert np.load(val).size > 1000
+    else:  # without a sandbox the write succeeds, and the runner's fingerprint catches it
+        assert result.status == "crash" and result.reason == "data changed"
+        assert result.sandbox == "none" and np.load(val).size == 1000
 
 
 def test_tampered_cache_is_detected_by_prepare_users(tmp_path):

@@ -95,12 +95,12 @@ class FakeRuns:
         self.values, self.scripts = list(values), []
 
     def __call__(self, script_text, settings, run_dir, on_progress=None, on_line=None,
-                 timeout=None, stop=None):
+                 timeout=None, stop=None, log_path=None):
         value = self.values.pop(0)
         self.scripts.append(script_text)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = run_dir / "run.log"
+        log = Path(log_path or run_dir / "run.log")
         log.write_text(f"fake run of {len(script_text)} characters\n---\nval_bpb: {value}\n")
         if on_line:
             on_line("fake run")

@@ -52,11 +52,11 @@ class FakeRuns:
         self.values, self.default, self.calls = list(values), default, 0
 
     def __call__(self, script_text, settings, run_dir, on_progress=None, on_line=None,
-                 timeout=None, stop=None):
+                 timeout=None, stop=None, log_path=None):
         self.calls += 1
         value = self.values.pop(0) if self.values else self.default
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        log = Path(run_dir) / "run.log"
+        log = Path(log_path or Path(run_dir) / "run.log")
         log.write_text(f"---\nval_bpb: {value}\n")
         if value is None:
             return TrainResult(reason="exception: RuntimeError: fake", log_path=str(log))

@@ -33,11 +33,11 @@ class FakeExecutor:
         self.gate, self.crash, self.calls = gate, crash, 0
 
     def __call__(self, script_text, settings, run_dir, on_progress=None, on_line=None,
-                 stop=None, timeout=None):
+                 stop=None, timeout=None, log_path=None):
         self.calls += 1
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = run_dir / "run.log"
+        log = Path(log_path or run_dir / "run.log")
         log.write_text(f"fake run {self.calls}\n")
         on_line(f"fake run {self.calls}: training")
         on_progress(Progress(step=1, percent=50.0, loss=3.0, remaining=1.0))

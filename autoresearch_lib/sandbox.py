@@ -1,0 +1,148 @@
+"""The sandbox: what an experiment's processes may see and do.
+
+train.py is untrusted code: an agent chasing a lower number will find any hole. So the runner
+starts it (and later the model servers that score it) inside bubblewrap (`bwrap`, Debian's
+`bubblewrap` package), which builds a private view of the file system from Linux namespaces:
+
+    read-only   the Python installation, the kit's own package, the training token files
+    read-write  the run's own folder, and a private /tmp
+    hidden      the workspace and its .git, results.tsv, the validation tokens, your home
+                folder, other processes (its own PID namespace: not even the loop's /proc)
+    cut off     the network (its own network namespace), the terminal (a new session)
+
+When the sandbox's first process exits, the kernel kills everything else in its PID namespace,
+so a daemon that tries to keep training after the run dies with it. On a GPU machine the
+NVIDIA device nodes are passed through.
+
+Where no sandbox is possible (no bwrap, no user namespaces: macOS, a restricted Colab, some
+containers) the run goes ahead unsandboxed and says so loudly: in its log, in its summary
+(`sandbox: none`) and in its results.tsv row. AUTORESEARCH_SANDBOX chooses: `auto` (default:
+bwrap where it works), `1`/`bwrap` (require it: refuse to run without), `0`/`none` (never).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+MODE_ENV = "AUTORESEARCH_SANDBOX"
+NO_SANDBOX_WARNING = ("warning: NO SANDBOX: train.py runs with your rights and can read and change "
+                      "your files (the workspace, the validation data) and use the network; "
+                      "install bubblewrap (apt install bubblewrap) so the score can be trusted")
+# variables a run may inherit; everything else (API keys, cloud credentials under any name) stays out
+ENV_ALLOWED = {"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "LD_LIBRARY_PATH", "PYTHONHASHSEED"}
+ENV_PREFIXES = ("AUTORESEARCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "TORCH",
+                "PYTORCH_", "TRITON_", "NCCL_", "LC_")
+# the few system files a Python program needs from /etc (not /etc itself: it may hold secrets)
+ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "passwd", "group", "nsswitch.conf",
+             "localtime", "ssl", "ca-certificates", "alternatives", "os-release")
+
+
+class SandboxError(RuntimeError):
+    """A sandbox was required (AUTORESEARCH_SANDBOX=1) but cannot be made here."""
+
+
+def requested() -> str:
+    """'auto', 'bwrap' or 'none', from AUTORESEARCH_SANDBOX."""
+    value = os.environ.get(MODE_ENV, "auto").strip().lower()
+    if value in ("0", "no", "none", "off", "false"):
+        return "none"
+    if value in ("1", "yes", "bwrap", "on", "true", "required"):
+        return "bwrap"
+    return "auto"
+
+
+@functools.cache
+def _bwrap_works() -> str:
+    """'' if bwrap can build a sandbox here, else why not (checked once per process)."""
+    if sys.platform != "linux":
+        return f"bubblewrap needs Linux, and this is {sys.platform}"
+    if not shutil.which("bwrap"):
+        return "bwrap is not installed (apt install bubblewrap)"
+    try:
+        probe = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent",
+                                "true"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"bwrap failed to start: {e}"
+    if probe.returncode != 0:
+        return f"bwrap cannot make namespaces here: {probe.stderr.strip()[:200]}"
+    return ""
+
+
+def mode() -> str:
+    """The sandbox runs will get: 'bwrap' or 'none' (SandboxError if bwrap is required but fails)."""
+    wanted = requested()
+    if wanted == "none":
+        return "none"
+    problem = _bwrap_works()
+    if problem and wanted == "bwrap":
+        raise SandboxError(f"{MODE_ENV}=1 asks for a sandbox, but {problem}. Install bubblewrap "
+                           f"(and allow user namespaces), or set {MODE_ENV}=auto to run without one.")
+    return "none" if problem else "bwrap"
+
+
+def why_not() -> str:
+    """Why runs are unsandboxed here ('' when they are sandboxed)."""
+    if requested() == "none":
+        return f"{MODE_ENV}=0"
+    return _bwrap_works()
+
+
+def environment(extra: dict | None = None) -> dict:
+    """The environment a run gets: an allow-list of the parent's, plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if k in ENV_ALLOWED or k.startswith(ENV_PREFIXES)}
+    env.update(extra or {})
+    return env
+
+
+def python_paths() -> list[Path]:
+    """Folders the Python interpreter and its packages live in (made visible read-only)."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()}
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        paths.add(site.getusersitepackages())
+    return [Path(p).resolve() for p in sorted(paths) if os.path.isdir(p)]
+
+
+def package_dir() -> Path:
+    """This package's folder (a checkout or site-packages): visible read-only, nothing around it."""
+    return Path(__file__).resolve().parent
+
+
+def gpu_devices() -> list[str]:
+    """NVIDIA device nodes to pass through (none on a machine without an NVIDIA GPU)."""
+    dev = Path("/dev")
+    return sorted(str(p) for p in dev.glob("nvidia*")) + (["/dev/dri"] if (dev / "dri").exists() else [])
+
+
+def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: list[Path] = (),
+            files: dict[str, Path] | None = None) -> list[str]:
+    """`argv` wrapped in bwrap: `writable` and `readable` folders at their own paths, `files`
+    (sandbox path -> real path) read-only, everything else as the module docstring says."""
+    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+           "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    for name in ETC_FILES:
+        if os.path.exists(f"/etc/{name}"):
+            cmd += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    if os.path.isdir("/sys"):
+        cmd += ["--ro-bind", "/sys", "/sys"]  # hardware facts torch reads (CPU and NUMA topology)
+    for node in gpu_devices():
+        cmd += ["--dev-bind", node, node]
+    for path in [*python_paths(), package_dir(), *readable]:
+        cmd += ["--ro-bind", str(path), str(path)]
+    for path in writable:
+        cmd += ["--bind", str(path), str(path)]
+    for inside, real in (files or {}).items():
+        cmd += ["--ro-bind", str(real), inside]
+    # the sandbox's own root (where bwrap made the mount points) read-only too
+    return cmd + ["--remount-ro", "/", "--chdir", str(cwd), "--", *argv]
