@@ -192,8 +192,8 @@ def startup_allowance(settings: Settings) -> float:
     budget + this, so it is also the most extra training a cheating train.py could hide."""
     if settings.startup_limit is not None:
         return settings.startup_limit
-    gpu = settings.preset in ("h100", "small-gpu")
-    return (150.0 if gpu else 30.0) + 0.1 * settings.budget
+    gpu = settings.preset in ("h100", "small-gpu")  # compiling takes a while (40 s on an H100)
+    return (120.0 if gpu else 20.0) + 0.05 * settings.budget
 
 
 def default_timeout(settings: Settings) -> float:
@@ -318,6 +318,8 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
                             start_new_session=True)  # its own process group
 
     def line(text: str) -> None:
+        if on_line:
+            on_line(text)
         progress = parse_progress(text)
         if progress:
             if not result.losses:
@@ -325,8 +327,6 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
             result.losses.append((progress.step, progress.loss))
             if on_progress:
                 on_progress(progress)
-        if on_line:
-            on_line(text)
 
     capture = OutputCapture(os.dup(proc.stdout.fileno()), on_line=line)
     proc.stdout.close()

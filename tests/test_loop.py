@@ -137,7 +137,8 @@ def test_the_first_experiment_is_the_unmodified_baseline(baseline_ws):
     header, line = rows_text(ws)
     assert header[:5] == UPSTREAM_COLUMNS and ROW_RE.fullmatch("\t".join(line))
     assert "val_bpb:" in (ws.log_dir / "0000.log").read_text()
-    assert (ws.path / "runs" / "0000" / "run.log").read_text() == (ws.log_dir / "0000.log").read_text()
+    # the runner writes the log where the workspace keeps it, out of the run's reach: no copy
+    assert not (ws.path / "runs" / "0000" / "run.log").exists()
 
 
 # ---------------------------------------------------------------- bookkeeping (fake runs)
@@ -244,7 +245,7 @@ def test_every_kind_of_crash_is_recorded_reverted_and_the_loop_goes_on(baseline_
     assert [s.train_py for s in agent.states] == [text] * 6
     assert agent.states[0].last_crash_log is None
     assert "the edit broke training" in agent.states[1].last_crash_log
-    assert "FAIL: training diverged" in agent.states[2].last_crash_log
+    assert "training diverged" in agent.states[2].last_crash_log
     assert ws.head() == root and ws.train_py == text and git(ws, "status", "--porcelain") == ""
     assert branch_commits(ws) == {root} and ws.best()[0] == root
     assert "OutOfMemoryError" in (ws.log_dir / "0003.log").read_text()
@@ -334,7 +335,7 @@ def test_openai_agent_through_the_loop_and_the_key_never_leaks(baseline_ws, tmp_
     assert done[0].result.ok and ran["val_bpb"] == pytest.approx(done[0].val_bpb, abs=1e-6)
     assert failed["status"] == "crash" and failed["reason"].startswith("proposal")
     assert "<redacted>" in failed["reason"]
-    run_log = (ws.path / "runs" / "0001" / "run.log").read_text()
+    run_log = ws.log_path(1).read_text()
     assert "environment:" in run_log and "OPENAI_API_KEY" not in run_log
 
     seen = {str(p): p.read_text(errors="replace") for p in ws.path.rglob("*")
@@ -436,13 +437,13 @@ def test_stop_during_training_ends_the_loop_cleanly_and_run_resumes(tmp_path, ca
 def test_sigkill_mid_experiment_then_open_and_run_resume(baseline_ws, tmp_path):
     ws = clone(baseline_ws, tmp_path)
     root = ws.head()
-    run_log = ws.path / "runs" / "0001" / "run.log"
+    run_dir = ws.path / "runs" / "0001"
     out = open(tmp_path / "child.out", "w")
     child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "loop_child.py"), str(ws.path)],
                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 180
-        while not (run_log.exists() and "step 00001" in run_log.read_text()):
+        while "progress 1" not in (tmp_path / "child.out").read_text():  # training has begun
             assert child.poll() is None and time.time() < deadline, (tmp_path / "child.out").read_text()
             time.sleep(0.1)
         assert git(ws, "rev-list", "--count", "HEAD") == "2"  # committed, training, no row yet
@@ -450,11 +451,11 @@ def test_sigkill_mid_experiment_then_open_and_run_resume(baseline_ws, tmp_path):
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
         out.close()
-    orphans = pids_in(run_log.parent)  # the run has its own process group: it dies at its next
-    deadline = time.time() + 15        # print (broken pipe); don't let it linger regardless
+    orphans = pids_in(run_dir)  # the run dies with its runner (the sandbox, the launcher's
+    deadline = time.time() + 15  # PR_SET_PDEATHSIG); don't let it linger regardless
     while orphans and time.time() < deadline:
         time.sleep(0.2)
-        orphans = pids_in(run_log.parent)
+        orphans = pids_in(run_dir)
     for pid in orphans:
         os.kill(pid, signal.SIGKILL)
 
