@@ -64,6 +64,7 @@ class TrainResult:
     status: str = "crash"  # "ok", "crash" or "stopped"
     reason: str = ""  # why it crashed: "exception: …", "nan", "oom", "timeout", "no summary"
     val_bpb: float | None = None
+    metric: float | None = None  # the task's number: val_bpb for GPT training (tasks.py)
     training_seconds: float = 0.0
     total_seconds: float = 0.0
     startup_seconds: float = 0.0
@@ -270,7 +271,7 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
         for key in ("val_bpb", "sandbox"):
             say(f"{key + ':':<20}{getattr(result, key) if key != 'val_bpb' else f'{result.val_bpb:.6f}'}")
     else:
-        result.val_bpb = None
+        result.val_bpb = result.metric = None
         say(f"FAIL {result.reason}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(log + "".join(f"{line}\n" for line in lines), encoding="utf-8")
@@ -403,7 +404,7 @@ def _score(result, script_text, settings, prepared, run_dir, use_sandbox, say) -
         for line in [*server_lines[-20:], f"scoring failed: {e}"]:
             say(line)
         return
-    result.val_bpb = scored.val_bpb
+    result.val_bpb = result.metric = scored.val_bpb
     result.eval_seconds = scored.seconds
     if settings.checkpoint:  # a verified copy where the user asked for the model
         target = Path(settings.checkpoint)
