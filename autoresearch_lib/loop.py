@@ -38,10 +38,12 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .agents import Proposal, ProposalError, State
 from .config import quick_mode
+from .records import write_atomic
 from .redact import redact
 from .runner import TrainResult, run_training
 from .workspace import Workspace, one_line, storage_error
@@ -104,6 +106,7 @@ def step(ws: Workspace, agent, on_event: Callable[[Event], None] | None = None,
          executor=run_training) -> Experiment:
     """Run exactly one experiment (the baseline if none ran yet) and record it."""
     with _holding(ws):
+        _check_pins(ws)
         return _step(ws, agent, on_event or (lambda e: None), stop, noise_runs, z, executor)
 
 
@@ -117,6 +120,7 @@ def run(ws: Workspace, agent, max_experiments: int | None = None,
         while max_experiments is None or len(done) < max_experiments:
             if stop is not None and stop.is_set():
                 break
+            _check_pins(ws)
             exp = _step(ws, agent, emit, stop, noise_runs, z, executor)
             if exp.status == "stopped":
                 break
@@ -142,12 +146,21 @@ def proposal_retry_delay(failures: int) -> float:
 
 @contextlib.contextmanager
 def _holding(ws: Workspace):
-    """Hold the workspace's lock; a full or read-only disk becomes a WorkspaceError saying what to do."""
+    """Hold the workspace (its lock, and results.tsv in memory: see Workspace.hold); a full or
+    read-only disk becomes a WorkspaceError saying what to do."""
     try:
-        with ws.lock():
+        with ws.hold():
             yield
     except OSError as e:
         raise storage_error(e, ws.path) or e
+
+
+def _check_pins(ws: Workspace) -> None:
+    """Stop before an experiment whose score would not be comparable: the kit's code or the
+    evaluation data differ from what the workspace pinned (a train.py may have changed them)."""
+    problem = ws.check_pins()
+    if problem:
+        raise LoopError(problem)
 
 
 def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
@@ -192,6 +205,24 @@ def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
                      val if result.ok else None, best[1], result.reason, proposal.diff, result,
                      time.time() - t0)
     return _record(ws, index, emit, exp, best, getattr(agent, "name", "?"), proposal)
+
+
+def _tampered(ws: Workspace, exp: Experiment) -> bool:
+    """Did something change the loop's records during the experiment? Then it is a crash.
+
+    results.tsv must be exactly what the loop last wrote (else it is put back and the foreign
+    lines kept in results.rejected.tsv) and HEAD still the commit under test: a training script
+    that appends a `keep` row or commits on the branch gets neither trusted.
+    """
+    problems = [ws.restore_results()]
+    if ws.head() != exp.commit[:7]:
+        problems.append(f"HEAD moved during the run (to {ws.head()}, not {exp.commit[:7]})")
+    problems = [p for p in problems if p]
+    if problems:
+        exp.status, exp.val_bpb = "crash", None
+        exp.reason = "tampered: " + "; ".join(problems)
+        log.warning("experiment %d: %s", exp.index, exp.reason)
+    return bool(problems)
 
 
 def _usable(proposal) -> Proposal:
@@ -260,6 +291,7 @@ def _state(ws, rows, best, index) -> State:
     if rows and rows[-1]["status"] == "crash":
         log = ws.log_path(len(rows) - 1)
         last_crash = log.read_text(errors="replace")[-3000:] if log.exists() else rows[-1]["reason"]
+        last_crash = redact(last_crash)  # an LLM agent sends it to its server
     return State(program=ws.program, train_py=ws.train_py, results=rows, best_val_bpb=best[1],
                  last_crash_log=last_crash, experiment=index)
 
@@ -269,10 +301,14 @@ def _train(ws, index, emit, stop, executor) -> TrainResult:
     settings.checkpoint = None  # experiments are judged by their number, not kept as models
     result = executor(ws.train_py, settings, ws.path / "runs" / f"{index:04d}",
                       on_progress=lambda p: emit(Event("progress", index, {"progress": p})),
-                      on_line=lambda line: emit(Event("line", index, {"line": line})), stop=stop)
+                      on_line=lambda line: emit(Event("line", index, {"line": redact(line)})), stop=stop)
+    # a run may print a key it found (in a file, say): what the loop keeps and shows is redacted
+    result.reason, result.error_tail = redact(result.reason), redact(result.error_tail)
+    text = open(result.log_path, errors="replace").read() if result.log_path else ""
+    if redact(text) != text:  # no copy of a key stays behind in the run's own log either
+        write_atomic(Path(result.log_path), redact(text).encode())
     ws.log_dir.mkdir(exist_ok=True)
-    log = ws.log_path(index)
-    log.write_text(open(result.log_path, errors="replace").read() if result.log_path else "")
+    ws.log_path(index).write_text(redact(text))
     emit(Event("result", index, {"result": result}))
     return result
 
@@ -287,6 +323,7 @@ def _stopped(ws, index, emit, best, description) -> Experiment:
 def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
             proposal: Proposal | None = None) -> Experiment:
     """Write the row first, then undo a non-kept commit: a kill in between is repaired on open."""
+    tampered = _tampered(ws, exp)
     r = exp.result
     usage = proposal.usage if proposal else {}
     ws.append_result({
@@ -296,13 +333,15 @@ def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
         "seconds": exp.seconds, "steps": r.num_steps if r else 0,
         "tokens_M": r.total_tokens_M if r else 0.0, "agent": agent_name,
         "prompt_tokens": usage.get("prompt_tokens", 0),
-        "completion_tokens": usage.get("completion_tokens", 0), "reason": exp.reason,
+        "completion_tokens": usage.get("completion_tokens", 0), "reason": redact(exp.reason),
         "tok_per_sec": r.tokens_per_second if r else None,
         "params_M": r.num_params_M if r else None,
         "flops_per_token": r.flops_per_token if r else None,
         "load": r.load_avg if r else None, "sandbox": r.sandbox if r else None})
     if exp.status != "keep" and best is not None:
         ws.reset_to(best[0])
+    elif tampered and best is None:  # the baseline's own run moved HEAD: back to the baseline
+        ws.reset_to(exp.commit)
     emit(Event("decision", index, {"status": exp.status, "val_bpb": exp.val_bpb,
                                    "best": best[1] if best else None, "commit": exp.commit,
                                    "description": exp.description, "reason": exp.reason,
