@@ -19,8 +19,14 @@ row stop it (LoopError), as does Ctrl-C. After two failed proposals in a row `ru
 asking again (10 s, doubling, at most 10 minutes), so an API that is down all night costs a few
 dozen crash rows rather than thousands. A full or read-only disk stops the loop with a
 WorkspaceError saying what to do; resuming afterwards is the usual `Workspace.open`. Text the
-loop writes (results.tsv, events) has the values of secret-looking environment variables
-replaced by <redacted>.
+loop writes or sends (results.tsv, events, logs, the crash tail an agent is sent) has the values
+of secret-looking environment variables replaced by <redacted>.
+
+Tampering. A training script runs as you, so it can write anywhere you can. The loop trusts only
+what it wrote itself: results.tsv as it holds it in memory (a run that changed the file, or moved
+HEAD, is a crash "tampered: ...", and the file is put back), and, before every experiment, the
+kit's code and the evaluation data as the workspace pinned them (a LoopError says what changed).
+See Workspace.hold and pins.py.
 
 Noise-aware mode (`noise_runs=k`): the baseline is trained k times to estimate the run-to-run
 spread σ of val_bpb; afterwards a change is kept only if it beats the best by more than z·σ,

@@ -72,6 +72,7 @@ GITIGNORE = "results.tsv\nresults.rejected.tsv\nlogs/\nruns/\n*.pt\n.lock\n"
 KEY_FILE = ".git/autoresearch/key"  # signs results.tsv's rows; inside .git, so never committed
 PINS_FILE = ".git/autoresearch/pins.json"  # the kit's code and the data scores depend on
 REJECTED = "results.rejected.tsv"
+MAX_REJECTED = 1000  # lines kept in results.rejected.tsv per rejection
 _PR_SET_DUMPABLE = 4  # prctl option, from <linux/prctl.h>
 MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()
 
@@ -432,8 +433,9 @@ class Workspace:
         if now is None:
             return "it was deleted or replaced by something that is not a file; put back"
         ours, theirs = self._record.decode().split("\n"), now.decode("utf-8", "replace").split("\n")
-        added = [line for line in theirs if line.strip() and line not in set(ours)]
-        removed = [line for line in ours if line.strip() and line not in set(theirs)]
+        ours_set, theirs_set = set(ours), set(theirs)
+        added = [line for line in theirs if line.strip() and line not in ours_set]
+        removed = [line for line in ours if line.strip() and line not in theirs_set]
         self._reject(added, f"found in results.tsv after {during}; the loop did not write it")
         said = ([f"{len(added)} line(s) the loop did not write, moved to {REJECTED}"] * bool(added)
                 + [f"{len(removed)} of its lines removed or edited"] * bool(removed))
@@ -446,7 +448,9 @@ class Workspace:
         path = self.path / REJECTED
         kept = path.read_bytes() if path.is_file() and not path.is_symlink() else b"rejected_at\twhy\tline\n"
         when = dt.datetime.now().isoformat(timespec="seconds")
-        new = "".join(f"{when}\t{one_line(why)}\t{redact(line)}\n" for line in lines)
+        if len(lines) > MAX_REJECTED:  # a run that writes a gigabyte of rows can't fill the disk twice
+            lines = lines[:MAX_REJECTED] + [f"... and {len(lines) - MAX_REJECTED} more lines, not kept"]
+        new = "".join(f"{when}\t{one_line(why)}\t{redact(line[:10_000])}\n" for line in lines)
         records.write_atomic(path, kept + new.encode())
 
     def _verified(self, data: bytes) -> list[dict]:
@@ -461,9 +465,14 @@ class Workspace:
         return path.read_bytes() if path.exists() else records.HEADER.encode()
 
     def _columns(self) -> list[str]:
-        """results.tsv's columns, as its header names them."""
+        """results.tsv's columns: this kit's, since a workspace's rows are always signed."""
         data = self._record if self._record is not None else self._results_bytes()
-        return data.split(b"\n", 1)[0].decode().split("\t")
+        columns = data.split(b"\n", 1)[0].decode("utf-8", "replace").split("\t")
+        if columns != RESULTS_COLUMNS:
+            raise ResultsError(f"{self.results_path}, line 1: the header is not this kit's (its "
+                               f"columns are {' '.join(RESULTS_COLUMNS)}), so rows can't be added "
+                               f"and signed. Workspace.open({str(self.path)!r}) migrates it.")
+        return columns
 
     def _signing_key(self) -> bytes:
         if self._key is not None:

@@ -351,7 +351,10 @@ def test_a_run_cannot_read_the_loops_environment_through_proc(ws, tmp_path):
     assert KEY not in child.stdout + ws.log_path(1).read_text()
 
 
-def test_a_crash_log_with_the_key_reaches_the_agent_redacted(ws, tmp_path):
+@pytest.mark.parametrize("key_set", ["before the run", "only after it"])
+def test_a_crash_log_with_the_key_reaches_the_agent_redacted(ws, tmp_path, monkeypatch, key_set):
+    """A run prints a key it found in a file. The crash tail an LLM agent sends to its server
+    never has it, even when the key was set only later (a notebook switching to an LLM agent)."""
     netrc = tmp_path / "netrc"
     netrc.write_text(f"machine api.openai.com password {KEY}\n")  # a file the run can read
     leak = script("leak", f"""
@@ -359,24 +362,27 @@ def test_a_crash_log_with_the_key_reaches_the_agent_redacted(ws, tmp_path):
         print("found", key)
         raise RuntimeError("the key is " + key)
     """)
-    seen = []
+    seen, events = [], []
 
     def look(state):
         seen.append(state.last_crash_log)
         return "MATRIX_LR -> 0.03", state.train_py.replace("MATRIX_LR = 0.02", "MATRIX_LR = 0.03")
 
-    events = []
-    done = loop.run(ws, ScriptedAgent([leak, look]), max_experiments=2,
-                    executor=Runs("real", 0.9), on_event=events.append)
-    assert done[0].status == "crash" and done[0].reason == "exception: RuntimeError: the key is <redacted>"
+    if key_set == "only after it":
+        monkeypatch.delenv("OPENAI_API_KEY")  # not a secret of this process yet
+    crash = loop.step(ws, ScriptedAgent([leak]), executor=Runs("real"), on_event=events.append)
+    assert crash.status == "crash" and crash.reason.startswith("exception: RuntimeError: the key is")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    assert loop.step(ws, ScriptedAgent([look]), executor=Runs(0.9)).status == "keep"
     assert "found <redacted>" in seen[0] and KEY not in seen[0]  # what an LLM agent would send
-    kept = {"results.tsv": ws.results_path.read_text(), "events": repr(events),
-            "experiments": repr(done)}
-    kept.update({str(p): p.read_text() for p in ws.path.glob("*s/*/*.log")})  # runs/ and logs/
-    kept.update({str(p): p.read_text() for p in ws.log_dir.iterdir()})
-    assert any("<redacted>" in text for text in kept.values())
-    for where, text in kept.items():
-        assert KEY not in text, f"the key leaked into {where}"
+    if key_set == "before the run":  # then nothing the loop keeps or shows has it either
+        assert crash.reason == "exception: RuntimeError: the key is <redacted>"
+        kept = {"results.tsv": ws.results_path.read_text(), "events": repr(events),
+                "experiment": repr(crash)}
+        kept.update({str(p): p.read_text() for p in ws.path.glob("runs/*/*.log")})
+        kept.update({str(p): p.read_text() for p in ws.log_dir.iterdir()})
+        for where, text in kept.items():
+            assert KEY not in text, f"the key leaked into {where}"
 
 
 # ---------------------------------------------------------------- other data: the pins
