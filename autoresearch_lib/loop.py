@@ -217,10 +217,12 @@ def _tampered(ws: Workspace, exp: Experiment) -> bool:
     """Did something change the loop's records during the experiment? Then it is a crash.
 
     results.tsv must be exactly what the loop last wrote (else it is put back and the foreign
-    lines kept in results.rejected.tsv) and HEAD still the commit under test: a training script
-    that appends a `keep` row or commits on the branch gets neither trusted.
+    lines kept in results.rejected.tsv), the kit's code and data as pinned (the next experiment
+    then stops), and HEAD still the commit under test: a training script that appends a `keep`
+    row, edits the harness or commits on the branch is never kept.
     """
-    problems = [ws.restore_results()]
+    pins_problem = ws.check_pins()
+    problems = [ws.restore_results(), pins_problem and pins_problem.split(". ")[0]]
     if ws.head() != exp.commit[:7]:
         problems.append(f"HEAD moved during the run (to {ws.head()}, not {exp.commit[:7]})")
     problems = [p for p in problems if p]

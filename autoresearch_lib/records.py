@@ -19,6 +19,7 @@ import hmac
 import os
 import re
 import secrets
+from datetime import datetime
 from pathlib import Path
 
 RESULTS_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "timestamp",
@@ -31,6 +32,7 @@ RESULTS_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "t
 UPSTREAM_COLUMNS = RESULTS_COLUMNS[:5]  # what karpathy/autoresearch writes and its tools read
 HEADER = "\t".join(RESULTS_COLUMNS) + "\n"
 STATUSES = ("keep", "discard", "crash")
+MAX_REJECTED = 1000  # lines kept in results.rejected.tsv per rejection
 
 _INTS = {"steps", "prompt_tokens", "completion_tokens"}
 _FLOATS = {"val_bpb", "memory_gb", "seconds", "tokens_M", "tok_per_sec", "params_M",
@@ -185,6 +187,27 @@ def resigned(header: list[str], lines: list[str], key: bytes) -> bytes:
 
 def _fields(header: list[str], line: str) -> dict:
     return dict(zip(header, line.rstrip("\n").split("\t")))
+
+
+def difference(ours: bytes, theirs: bytes) -> tuple[list[str], list[str]]:
+    """(lines of `theirs` that `ours` lacks, lines of `ours` that `theirs` lacks): what was added
+    to the loop's record, and what was taken out of it."""
+    ours_lines, their_lines = ours.decode().split("\n"), theirs.decode("utf-8", "replace").split("\n")
+    ours_set, theirs_set = set(ours_lines), set(their_lines)
+    return ([line for line in their_lines if line.strip() and line not in ours_set],
+            [line for line in ours_lines if line.strip() and line not in theirs_set])
+
+
+def reject(path: Path, lines: list[str], why: str) -> None:
+    """Keep lines taken out of results.tsv in results.rejected.tsv (`path`): when, why, the line."""
+    if not lines:
+        return
+    kept = path.read_bytes() if path.is_file() and not path.is_symlink() else b"rejected_at\twhy\tline\n"
+    when = datetime.now().isoformat(timespec="seconds")
+    if len(lines) > MAX_REJECTED:  # a run that writes a gigabyte of rows can't fill the disk twice
+        lines = lines[:MAX_REJECTED] + [f"... and {len(lines) - MAX_REJECTED} more lines, not kept"]
+    new = "".join(f"{when}\t{one_line(why)}\t{line[:10_000]}\n" for line in lines)
+    write_atomic(path, kept + new.encode())
 
 
 def repair_results(path: Path) -> str | None:

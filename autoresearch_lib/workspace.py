@@ -16,8 +16,8 @@ experiments that git forgets.
 
 Crash recovery. A loop can be killed at any moment (Ctrl-C, a kernel restart, a preempted
 Colab). `Workspace.open` puts the folder back in a consistent state:
-- a half-written last line of results.tsv (no trailing newline) is dropped: the one time the
-  file is rewritten;
+- a half-written last line of results.tsv (no trailing newline) is dropped (the file is
+  rewritten, atomically, only for this and for the signatures below);
 - if train.py has uncommitted edits, or HEAD is an experiment without a `keep` row (committed
   but never recorded, or recorded as discard/crash but never reset), the folder is reset to
   the best kept commit (the baseline commit before anything was kept). `git reset --hard`
@@ -37,9 +37,12 @@ signed with the workspace's key (records.py), and a loop keeps results.tsv in me
 holds the workspace: if the file changed during a run, the loop puts it back (`restore_results`)
 and records the experiment as a `crash`, "tampered: ...". `open` moves rows that are not signed
 to results.rejected.tsv. A workspace made before rows were signed is adopted once by `open`: a
-key is made and its rows are signed. The lock is an flock on the folder itself (deleting .lock
-frees nothing); the process holding it can't be read through /proc by its children (Linux);
-git runs with hooks and fsmonitor off and without secrets in its environment.
+key is made and its rows are signed. The kit's code and the evaluation data are pinned
+(pins.py) and checked by the loop before every experiment. The lock is an flock on the folder
+itself (deleting .lock frees nothing); a loop's process can't be read through /proc by its
+children (Linux); git runs with hooks and fsmonitor off and without secrets in its environment.
+What this can't stop without a sandbox: a run that reads the key, forges a signed row, and
+leaves a process behind that appends it after the loop has ended.
 """
 
 from __future__ import annotations
@@ -72,7 +75,6 @@ GITIGNORE = "results.tsv\nresults.rejected.tsv\nlogs/\nruns/\n*.pt\n.lock\n"
 KEY_FILE = ".git/autoresearch/key"  # signs results.tsv's rows; inside .git, so never committed
 PINS_FILE = ".git/autoresearch/pins.json"  # the kit's code and the data scores depend on
 REJECTED = "results.rejected.tsv"
-MAX_REJECTED = 1000  # lines kept in results.rejected.tsv per rejection
 _PR_SET_DUMPABLE = 4  # prctl option, from <linux/prctl.h>
 MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()
 
@@ -432,26 +434,14 @@ class Workspace:
         """What differs between results.tsv and the loop's record, in words; foreign lines rejected."""
         if now is None:
             return "it was deleted or replaced by something that is not a file; put back"
-        ours, theirs = self._record.decode().split("\n"), now.decode("utf-8", "replace").split("\n")
-        ours_set, theirs_set = set(ours), set(theirs)
-        added = [line for line in theirs if line.strip() and line not in ours_set]
-        removed = [line for line in ours if line.strip() and line not in theirs_set]
+        added, removed = records.difference(self._record, now)
         self._reject(added, f"found in results.tsv after {during}; the loop did not write it")
         said = ([f"{len(added)} line(s) the loop did not write, moved to {REJECTED}"] * bool(added)
                 + [f"{len(removed)} of its lines removed or edited"] * bool(removed))
         return " and ".join(said or ["its lines were rearranged"]) + "; put back as the loop wrote it"
 
     def _reject(self, lines: list[str], why: str) -> None:
-        """Keep lines taken out of results.tsv in results.rejected.tsv: when, why, the line itself."""
-        if not lines:
-            return
-        path = self.path / REJECTED
-        kept = path.read_bytes() if path.is_file() and not path.is_symlink() else b"rejected_at\twhy\tline\n"
-        when = dt.datetime.now().isoformat(timespec="seconds")
-        if len(lines) > MAX_REJECTED:  # a run that writes a gigabyte of rows can't fill the disk twice
-            lines = lines[:MAX_REJECTED] + [f"... and {len(lines) - MAX_REJECTED} more lines, not kept"]
-        new = "".join(f"{when}\t{one_line(why)}\t{redact(line[:10_000])}\n" for line in lines)
-        records.write_atomic(path, kept + new.encode())
+        records.reject(self.path / REJECTED, [redact(line) for line in lines], why)
 
     def _verified(self, data: bytes) -> list[dict]:
         """The rows of results.tsv `data`; ResultsError at the first one the loop did not sign."""
@@ -505,7 +495,9 @@ class Workspace:
             self._record, self._key = data, self._signing_key()
             try:
                 yield self
-            finally:
+            finally:  # left as the loop wrote it, even after a stopped run that was not recorded
+                with contextlib.suppress(OSError):
+                    self.restore_results("the loop")
                 self._record = self._key = self._pins = None
 
     @contextlib.contextmanager
@@ -599,7 +591,6 @@ class Workspace:
         """
         with self.lock():
             self._save_pins({"kit": pins.kit_digests(), "data": pins.data_pin(self.settings)})
-        self._note("pinned the kit's code and the evaluation data as they are now (repin)")
         return self
 
     def _save_pins(self, pinned: dict) -> None:

@@ -18,11 +18,12 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
-from autoresearch_lib import loop, records
+from autoresearch_lib import loop, pins, records
 from autoresearch_lib.agents import ScriptedAgent
 from autoresearch_lib.baseline import render_train_py
 from autoresearch_lib.runner import TrainResult, run_training
@@ -180,6 +181,22 @@ def test_whatever_a_run_does_to_the_record_it_is_put_back_and_the_run_is_a_crash
     assert [r["status"] for r in ws.results()] == ["keep", "crash"]
     assert records.load_key(ws.path / KEY_FILE) != b"\0" * 32
     assert_consistent(ws, (root, 1.0))
+    resumes(ws)
+
+
+def test_a_run_the_user_stopped_is_not_recorded_and_its_forged_row_does_not_stay(ws):
+    before = ws.results_path.read_bytes()
+
+    def forge_then_stop(script_text, settings, run_dir, stop=None, **kwargs):
+        with open(ws.results_path, "a") as f:
+            f.write("\t".join(["abcdef0", "0.100000", "1.0", "keep", "while stopping"] + [""] * 14) + "\n")
+        stop.set()  # the user pressed stop while this run trained
+        return TrainResult(status="stopped", reason="stopped by the user")
+
+    stop = threading.Event()
+    assert loop.run(ws, ScriptedAgent([lr(0.03)]), stop=stop, executor=forge_then_stop) == []
+    assert ws.results_path.read_bytes() == before  # nothing recorded, nothing foreign kept
+    assert "while stopping" in (ws.path / "results.rejected.tsv").read_text()
     resumes(ws)
 
 
@@ -437,6 +454,36 @@ except loop.LoopError as e:
 """
 
 
+def rewrite_pins(run_dir: Path) -> None:
+    """A run that stole the key re-signs pins.json for a kit it is about to change."""
+    ws_dir = run_dir.parents[1]
+    key = records.load_key(ws_dir / KEY_FILE)
+    pinned = pins.load(ws_dir / PINS_FILE, key)
+    pinned["kit"]["harness.py"] = "0" * 64
+    pins.save(ws_dir / PINS_FILE, key, pinned)
+
+
+@pytest.mark.parametrize("how, said", [
+    ("by hand", "changed by something other than the kit (its signature does not match)"),
+    ("by a run, with the key", "changed while the loop ran: something, possibly a train.py"),
+])
+def test_edited_pins_stop_the_loop(ws, how, said):
+    agent = ScriptedAgent([lr(0.03), lr(0.04)])
+    if how == "by hand":
+        path = ws.path / PINS_FILE
+        path.write_text(path.read_text().replace('"harness.py": "', '"harness.py": "0'))
+        runs = Runs()
+    else:
+        runs = Runs(rewrite_pins)
+    with pytest.raises(loop.LoopError, match=re.escape(said) + r".*\.repin\(\)"):
+        loop.run(ws, agent, max_experiments=2, executor=runs)
+    assert agent.used == (0 if how == "by hand" else 1) and ws.head() == ws.best()[0]
+    if how != "by hand":  # the run that did it is a crash, not a keep
+        assert ws.results()[-1]["reason"].startswith(f"tampered: {ws.path / PINS_FILE} {said}")
+    Workspace.open(ws.path).repin()  # the kit is as installed (the real one was never touched)
+    resumes(ws)
+
+
 @linux_only
 @pytest.mark.parametrize("target", ["kit", "data"])
 def test_a_run_that_changes_the_kit_or_the_data_stops_the_next_experiment(tmp_path, prepared, target):
@@ -467,6 +514,8 @@ def test_a_run_that_changes_the_kit_or_the_data_stops_the_next_experiment(tmp_pa
     ws = Workspace(ws_path)
     rows = ws.results()  # the attack's run, then the loop stopped before the next experiment
     assert [r["status"] for r in rows] == ["keep", "crash"] and ws.head() == rows[0]["commit"]
+    assert rows[1]["reason"].startswith({"kit": "tampered: the kit's code changed",
+                                         "data": "tampered: the prepared evaluation data changed"}[target])
     assert all(hashlib.sha256(p.read_bytes()).digest() == h for p, h in real.items())
 
     assert child("resume").returncode == 3  # still changed: still stopped
