@@ -25,10 +25,9 @@ import pytest
 
 from autoresearch_lib import loop, pins, records
 from autoresearch_lib.agents import ScriptedAgent
-from autoresearch_lib.baseline import render_train_py
 from autoresearch_lib.runner import TrainResult, run_training
 from autoresearch_lib.workspace import (KEY_FILE, PINS_FILE, RESULTS_COLUMNS, ResultsError, Workspace,
-                                        WorkspaceLocked, read_results)
+                                        WorkspaceError, read_results)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-bookkeeping-DO-NOT-LEAK-777"
@@ -167,7 +166,7 @@ def commit_on_the_branch(run_dir: Path) -> None:
     (signed_with_stolen_key, "results.tsv changed during the run: 1 line(s) the loop did not write"),
     (truncate, "results.tsv changed during the run: 1 of its lines removed or edited"),
     (lambda d: (d.parents[1] / "results.tsv").unlink(), "results.tsv changed during the run: it was deleted"),
-    (link_out, "results.tsv changed during the run: it was deleted or replaced by something that is not a file"),
+    (link_out, "results.tsv changed during the run: it was deleted or replaced by something that is not"),
     (replace_key, "the workspace key (.git/autoresearch/key) was replaced during the run"),
     (commit_on_the_branch, "HEAD moved during the run"),
 ])
@@ -228,7 +227,7 @@ def test_a_workspace_made_before_signatures_is_adopted_once(ws):
     lines = [row.split("\t")[:13] for row in ws.results_path.read_text().splitlines()[1:]]
     ws.results_path.write_text("\n".join("\t".join(r) for r in [old_columns] + lines) + "\n")
     shutil.rmtree(ws.path / ".git" / "autoresearch")  # no key and no pins yet
-    with pytest.raises(Exception, match="no key to sign and check results.tsv"):
+    with pytest.raises(WorkspaceError, match="no key to sign and check results.tsv"):
         ws.results()
     with pytest.warns(UserWarning, match="signed the 2 rows of results.tsv with a new workspace key"):
         again = Workspace.open(ws.path)
@@ -266,7 +265,7 @@ PLANT = """
 
 
 @linux_only
-def test_git_hooks_planted_by_a_run_never_run_and_git_sees_no_secrets(ws, tmp_path):
+def test_git_hooks_and_an_fsmonitor_planted_by_a_run_never_run_in_the_loops_git(ws, tmp_path):
     out = tmp_path / "stolen"
     out.mkdir()
     plant = script("plant hooks", PLANT.format(hooks=HOOKS, out=out))
@@ -274,6 +273,7 @@ def test_git_hooks_planted_by_a_run_never_run_and_git_sees_no_secrets(ws, tmp_pa
                     executor=Runs("real", 0.9, 0.95))
     assert [e.status for e in done] == ["crash", "keep", "discard"]  # commits, resets, diffs ran
     assert (ws.path / ".git" / "hooks" / "post-commit").exists()  # planted, and ready
+    assert git(ws, "config", "core.fsmonitor").endswith("fsmonitor")
     assert list(out.iterdir()) == [], "a planted hook ran inside the loop's git"
     # the same hooks do run for a plain git: so the test would see one that ran
     subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "by hand"], cwd=ws.path, check=True)
@@ -356,6 +356,9 @@ def drop_privileges():
 
 @linux_only
 def test_a_run_cannot_read_the_loops_environment_through_proc(ws, tmp_path):
+    """The loop runs in a child without privileges, as an ordinary user's loop does: root could
+    read any /proc file. Dropping every capability stands in for setuid(65534), which can't run
+    this environment's Python (it lives under /root, mode 0700); same uid, same protection."""
     (tmp_path / "peek.py").write_text(textwrap.dedent(PEEK))
     child = subprocess.run([sys.executable, "-c", PEEK_LOOP, str(ws.path), str(tmp_path / "peek.py")],
                            cwd=ROOT, capture_output=True, text=True, timeout=300,
