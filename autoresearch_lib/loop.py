@@ -19,8 +19,14 @@ row stop it (LoopError), as does Ctrl-C. After two failed proposals in a row `ru
 asking again (10 s, doubling, at most 10 minutes), so an API that is down all night costs a few
 dozen crash rows rather than thousands. A full or read-only disk stops the loop with a
 WorkspaceError saying what to do; resuming afterwards is the usual `Workspace.open`. Text the
-loop writes (results.tsv, events) has the values of secret-looking environment variables
-replaced by <redacted>.
+loop writes or sends (results.tsv, events, logs, the crash tail an agent is sent) has the values
+of secret-looking environment variables replaced by <redacted>.
+
+Tampering. A training script runs as you, so it can write anywhere you can. The loop trusts only
+what it wrote itself: results.tsv as it holds it in memory (a run that changed the file, or moved
+HEAD, is a crash "tampered: ...", and the file is put back), and, before every experiment, the
+kit's code and the evaluation data as the workspace pinned them (a LoopError says what changed).
+See Workspace.hold and pins.py.
 
 Noise-aware mode (`noise_runs=k`): the baseline is trained k times to estimate the run-to-run
 spread σ of val_bpb; afterwards a change is kept only if it beats the best by more than z·σ,
@@ -37,10 +43,12 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .agents import Proposal, ProposalError, State
 from .config import quick_mode
+from .records import write_atomic
 from .redact import redact
 from .runner import TrainResult, run_training
 from .workspace import Workspace, one_line, storage_error
@@ -103,6 +111,7 @@ def step(ws: Workspace, agent, on_event: Callable[[Event], None] | None = None,
          executor=run_training) -> Experiment:
     """Run exactly one experiment (the baseline if none ran yet) and record it."""
     with _holding(ws):
+        _check_pins(ws)
         return _step(ws, agent, on_event or (lambda e: None), stop, noise_runs, z, executor)
 
 
@@ -116,6 +125,7 @@ def run(ws: Workspace, agent, max_experiments: int | None = None,
         while max_experiments is None or len(done) < max_experiments:
             if stop is not None and stop.is_set():
                 break
+            _check_pins(ws)
             exp = _step(ws, agent, emit, stop, noise_runs, z, executor)
             if exp.status == "stopped":
                 break
@@ -141,12 +151,21 @@ def proposal_retry_delay(failures: int) -> float:
 
 @contextlib.contextmanager
 def _holding(ws: Workspace):
-    """Hold the workspace's lock; a full or read-only disk becomes a WorkspaceError saying what to do."""
+    """Hold the workspace (its lock, and results.tsv in memory: see Workspace.hold); a full or
+    read-only disk becomes a WorkspaceError saying what to do."""
     try:
-        with ws.lock():
+        with ws.hold():
             yield
     except OSError as e:
         raise storage_error(e, ws.path) or e
+
+
+def _check_pins(ws: Workspace) -> None:
+    """Stop before an experiment whose score would not be comparable: the kit's code or the
+    evaluation data differ from what the workspace pinned (a train.py may have changed them)."""
+    problem = ws.check_pins()
+    if problem:
+        raise LoopError(problem)
 
 
 def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
@@ -191,6 +210,26 @@ def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
                      val if result.ok else None, best[1], result.reason, proposal.diff, result,
                      time.time() - t0)
     return _record(ws, index, emit, exp, best, getattr(agent, "name", "?"), proposal)
+
+
+def _tampered(ws: Workspace, exp: Experiment) -> bool:
+    """Did something change the loop's records during the experiment? Then it is a crash.
+
+    results.tsv must be exactly what the loop last wrote (else it is put back and the foreign
+    lines kept in results.rejected.tsv), the kit's code and data as pinned (the next experiment
+    then stops), and HEAD still the commit under test: a training script that appends a `keep`
+    row, edits the harness or commits on the branch is never kept.
+    """
+    pins_problem = ws.check_pins()
+    problems = [ws.restore_results(), pins_problem and pins_problem.split(". ")[0]]
+    if ws.head() != exp.commit[:7]:
+        problems.append(f"HEAD moved during the run (to {ws.head()}, not {exp.commit[:7]})")
+    problems = [p for p in problems if p]
+    if problems:
+        exp.status, exp.val_bpb = "crash", None
+        exp.reason = "tampered: " + "; ".join(problems)
+        log.warning("experiment %d: %s", exp.index, exp.reason)
+    return bool(problems)
 
 
 def _usable(proposal) -> Proposal:
@@ -259,6 +298,7 @@ def _state(ws, rows, best, index) -> State:
     if rows and rows[-1]["status"] == "crash":
         log = ws.log_path(len(rows) - 1)
         last_crash = log.read_text(errors="replace")[-3000:] if log.exists() else rows[-1]["reason"]
+        last_crash = redact(last_crash)  # an LLM agent sends it to its server
     return State(program=ws.program, train_py=ws.train_py, results=rows, best_val_bpb=best[1],
                  last_crash_log=last_crash, experiment=index)
 
@@ -268,8 +308,15 @@ def _train(ws, index, emit, stop, executor) -> TrainResult:
     settings.checkpoint = None  # experiments are judged by their number, not kept as models
     result = executor(ws.train_py, settings, ws.path / "runs" / f"{index:04d}",
                       on_progress=lambda p: emit(Event("progress", index, {"progress": p})),
-                      on_line=lambda line: emit(Event("line", index, {"line": line})), stop=stop,
+                      on_line=lambda line: emit(Event("line", index, {"line": redact(line)})), stop=stop,
                       log_path=ws.log_path(index))  # where the workspace keeps it, out of the run's reach
+    # a run may print a key it found (in a file, say): what the loop keeps and shows is redacted
+    # (the runner redacts what it captures; this also covers any other executor)
+    result.reason, result.error_tail = redact(result.reason), redact(result.error_tail)
+    log = ws.log_path(index)
+    text = log.read_text(errors="replace") if log.exists() else ""
+    if redact(text) != text:
+        write_atomic(log, redact(text).encode())
     emit(Event("result", index, {"result": result}))
     return result
 
@@ -284,6 +331,7 @@ def _stopped(ws, index, emit, best, description) -> Experiment:
 def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
             proposal: Proposal | None = None) -> Experiment:
     """Write the row first, then undo a non-kept commit: a kill in between is repaired on open."""
+    tampered = _tampered(ws, exp)
     r = exp.result
     usage = proposal.usage if proposal else {}
     ws.append_result({
@@ -293,13 +341,15 @@ def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
         "seconds": exp.seconds, "steps": r.num_steps if r else 0,
         "tokens_M": r.total_tokens_M if r else 0.0, "agent": agent_name,
         "prompt_tokens": usage.get("prompt_tokens", 0),
-        "completion_tokens": usage.get("completion_tokens", 0), "reason": exp.reason,
+        "completion_tokens": usage.get("completion_tokens", 0), "reason": redact(exp.reason),
         "tok_per_sec": r.tokens_per_second if r else None,
         "params_M": r.num_params_M if r else None,
         "flops_per_token": r.flops_per_token if r else None,
         "load": r.load_avg if r else None, "sandbox": r.sandbox if r else None})
     if exp.status != "keep" and best is not None:
         ws.reset_to(best[0])
+    elif tampered and best is None:  # the baseline's own run moved HEAD: back to the baseline
+        ws.reset_to(exp.commit)
     emit(Event("decision", index, {"status": exp.status, "val_bpb": exp.val_bpb,
                                    "best": best[1] if best else None, "commit": exp.commit,
                                    "description": exp.description, "reason": exp.reason,

@@ -4,8 +4,10 @@
     program.md     the human's instructions to the agent
     settings.json  the fixed settings (budget, data, evaluation); the loop never edits it
     .gitignore     keeps the outputs below out of git
-    results.tsv    one row per experiment, upstream's five columns first (untracked)
+    results.tsv    one row per experiment, upstream's five columns first, each row signed (untracked)
+    results.rejected.tsv   rows the loop did not write, taken out of results.tsv (kept, not deleted)
     logs/          one log per experiment: logs/0000.log, logs/0001.log, ...
+    .git/autoresearch/     the key that signs results.tsv's rows, and the pins (see pins.py)
 
 The folder is a git repository on branch `autoresearch/<tag>`. The branch only advances on
 improvements: an experiment is committed, trained, and undone with `git reset --hard` if it
@@ -14,8 +16,8 @@ experiments that git forgets.
 
 Crash recovery. A loop can be killed at any moment (Ctrl-C, a kernel restart, a preempted
 Colab). `Workspace.open` puts the folder back in a consistent state:
-- a half-written last line of results.tsv (no trailing newline) is dropped: the one time the
-  file is rewritten;
+- a half-written last line of results.tsv (no trailing newline) is dropped (the file is
+  rewritten, atomically, only for this and for the signatures below);
 - if train.py has uncommitted edits, or HEAD is an experiment without a `keep` row (committed
   but never recorded, or recorded as discard/crash but never reset), the folder is reset to
   the best kept commit (the baseline commit before anything was kept). `git reset --hard`
@@ -28,49 +30,59 @@ directory) in its place is refused, never read or written through, and `Workspac
 the committed file back. A write that fails for lack of space or permission raises a
 WorkspaceError that says what happened and what to do; train.py is replaced atomically and a
 half-appended row is cut off again, so the folder stays one that `open` can resume.
+
+Bookkeeping a training run cannot touch. A training script runs as you, in runs/NNNN/ inside
+this folder, so it could append a `keep` row to ../../results.tsv. Every row the loop writes is
+signed with the workspace's key (records.py), and a loop keeps results.tsv in memory while it
+holds the workspace: if the file changed during a run, the loop puts it back (`restore_results`)
+and records the experiment as a `crash`, "tampered: ...". `open` moves rows that are not signed
+to results.rejected.tsv. A workspace made before rows were signed is adopted once by `open`: a
+key is made and its rows are signed. The kit's code and the evaluation data are pinned
+(pins.py) and checked by the loop before every experiment. The lock is an flock on the folder
+itself (deleting .lock frees nothing); a loop's process can't be read through /proc by its
+children (Linux); git runs with hooks and fsmonitor off and without secrets in its environment.
+What this can't stop without a sandbox: a run that reads the key, forges a signed row, and
+leaves a process behind that appends it after the loop has ended.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import errno
 import os
 import re
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
-from . import baseline, config
+from . import baseline, config, pins, records
 from .config import Settings
+from .records import (RESULTS_COLUMNS, STATUSES, UPSTREAM_COLUMNS, ResultsError,  # noqa: F401
+                      one_line, read_results)
+from .redact import redact, without_secrets
 
 try:
     import fcntl
 except ImportError:  # windows has no flock; see Workspace.lock
     fcntl = None
 
-RESULTS_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "timestamp",
-                   "seconds", "steps", "tokens_M", "agent", "prompt_tokens", "completion_tokens",
-                   "reason",
-                   # the conditions a run was measured under (fair comparisons on a busy machine)
-                   "tok_per_sec", "params_M", "flops_per_token", "load",
-                   "sandbox",  # how training was isolated: "bwrap", or "none" (see sandbox.py)
-                   "sig"]  # the loop's HMAC of the row: rows it did not write are refused
-UPSTREAM_COLUMNS = RESULTS_COLUMNS[:5]  # what karpathy/autoresearch writes and its tools read
-STATUSES = ("keep", "discard", "crash")
 TRACKED = ["train.py", "program.md", "settings.json", ".gitignore"]
 TMP_TRAIN_PY = ".train.py.tmp"  # the new train.py until it is renamed over the old one
-GITIGNORE = "results.tsv\nlogs/\nruns/\n*.pt\n.lock\n"
+GITIGNORE = "results.tsv\nresults.rejected.tsv\nlogs/\nruns/\n*.pt\n.lock\n"
+KEY_FILE = ".git/autoresearch/key"  # signs results.tsv's rows; inside .git, so never committed
+PINS_FILE = ".git/autoresearch/pins.json"  # the kit's code and the data scores depend on
+REJECTED = "results.rejected.tsv"
+_PR_SET_DUMPABLE = 4  # prctl option, from <linux/prctl.h>
 MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()
 
-_INTS = {"steps", "prompt_tokens", "completion_tokens"}
-_FLOATS = {"val_bpb", "memory_gb", "seconds", "tokens_M", "tok_per_sec", "params_M",
-           "flops_per_token", "load"}
-_FORMATS = {"val_bpb": "{:.6f}", "memory_gb": "{:.1f}", "seconds": "{:.1f}", "tokens_M": "{:.3f}",
-            "tok_per_sec": "{:.0f}", "params_M": "{:.3f}", "flops_per_token": "{:.4g}",
-            "load": "{:.2f}"}
 # variables that would point git at another repository (e.g. when tests run inside a git hook)
 _GIT_REDIRECTS = {"GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR"}
+# hooks and an fsmonitor are programs git runs: a training script could plant them in .git, so
+# the loop's git commands run none (settings given with -c win over the repository's own config)
+_GIT_SAFE = ["-c", f"core.hooksPath={os.devnull}", "-c", "core.fsmonitor=false"]
 
 
 class WorkspaceError(RuntimeError):
@@ -83,10 +95,6 @@ class WorkspaceLocked(WorkspaceError):
     def __init__(self, message: str, pid: int | None = None):
         super().__init__(message)
         self.pid = pid
-
-
-class ResultsError(ValueError):
-    """A line of results.tsv can't be read; the message names the file and the line."""
 
 
 # what a failed write means, and what to do about it
@@ -143,9 +151,9 @@ def default_tag(today: dt.date | None = None) -> str:
 
 def _git(cwd: Path, *args: str) -> str:
     """Run one git command in `cwd` and return its output; failures quote git's own words."""
-    env = {k: v for k, v in os.environ.items() if k not in _GIT_REDIRECTS}
+    env = {k: v for k, v in without_secrets().items() if k not in _GIT_REDIRECTS}
     try:
-        done = subprocess.run(["git", *args], cwd=cwd, env=env, check=True,
+        done = subprocess.run(["git", *_GIT_SAFE, *args], cwd=cwd, env=env, check=True,
                               capture_output=True, text=True)
     except FileNotFoundError:
         raise WorkspaceError("git is not installed, and a workspace is a git repository: "
@@ -158,102 +166,6 @@ def _git(cwd: Path, *args: str) -> str:
     return done.stdout
 
 
-# ---------------------------------------------------------------- results.tsv, row by row
-
-def _cell(name: str, value) -> str:
-    """One value as results.tsv text."""
-    if value is None:
-        return ""
-    if name in _INTS:
-        return str(int(value))
-    if name in _FORMATS and isinstance(value, (int, float)):
-        return _FORMATS[name].format(value)
-    # a tab or newline would split the row; a leading double quote makes pandas read on
-    # across the following lines, so upstream's analysis notebook would see one row; other
-    # control characters and lone surrogates (which UTF-8 can't store) become spaces too
-    return one_line(str(value)).replace('"', "'")
-
-
-def one_line(text: str) -> str:
-    """`text` without control characters or lone surrogates: safe as a TSV cell or git message."""
-    return re.sub(r"[\x00-\x1f\x7f\ud800-\udfff]", " ", text)
-
-
-def _format_row(row: dict, columns: list[str]) -> str:
-    """A row dict as one tab-separated line, in the order of the file's header."""
-    unknown = set(row) - set(RESULTS_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown results fields {sorted(unknown)}; "
-                         f"the columns are {RESULTS_COLUMNS}")
-    if row.get("status") not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
-    # upstream writes 0.000000 and 0.0 for a crash, which has neither
-    row = {"val_bpb": 0.0, "memory_gb": 0.0, **{k: v for k, v in row.items() if v is not None}}
-    return "\t".join(_cell(name, row.get(name)) for name in columns) + "\n"
-
-
-def _parse_value(name: str, text: str):
-    """A results.tsv field as a Python value (raises ValueError for a bad number)."""
-    if name in _INTS or name in _FLOATS:
-        if not text.strip() and name not in ("val_bpb", "memory_gb"):
-            return None  # an extra column left empty
-        return int(text) if name in _INTS else float(text)
-    return text
-
-
-def _parse_line(path: Path, number: int, header: list[str], line: str) -> dict:
-    """One data line of results.tsv as a dict with every RESULTS_COLUMNS key."""
-    fields = line.split("\t")
-    where = f"{path}, line {number}"
-    if len(fields) != len(header):
-        raise ResultsError(f"{where}: expected {len(header)} tab-separated fields "
-                           f"({', '.join(header)}) but found {len(fields)}. The line was probably "
-                           "edited by hand or cut short; fix or delete it, then try again.")
-    row = dict.fromkeys(RESULTS_COLUMNS)
-    for name, text in zip(header, fields):
-        try:
-            row[name] = _parse_value(name, text)
-        except ValueError:
-            raise ResultsError(f"{where}: {name} should be a number but is {text!r}; "
-                               "fix or delete that line, then try again.") from None
-    return row
-
-
-def _read_results(path: Path) -> list[dict]:
-    """Every row of a results.tsv: ours, or upstream's with only the first five columns."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    try:
-        lines = data.decode("utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        number = data[: e.start].count(b"\n") + 1
-        raise ResultsError(f"{path}, line {number}: not UTF-8 text (byte {data[e.start]:#04x}); the "
-                           "file was damaged or edited with another encoding. Fix or delete that "
-                           "line, then try again.") from None
-    header = lines[0].split("\t")
-    if header[:5] != UPSTREAM_COLUMNS:
-        raise ResultsError(f"{path}, line 1: the header should start with the tab-separated "
-                           f"columns {' '.join(UPSTREAM_COLUMNS)}, but it is {lines[0]!r}.")
-    return [_parse_line(path, number, header, line)
-            for number, line in enumerate(lines[1:], start=2) if line.strip()]
-
-
-def _repair_results(path: Path) -> str | None:
-    """Make results.tsv whole again: recreate it if missing, drop a half-written last line."""
-    header = ("\t".join(RESULTS_COLUMNS) + "\n").encode()
-    data = path.read_bytes() if path.exists() else None
-    if data is not None and data.endswith(b"\n"):
-        return None
-    kept = data[: data.rfind(b"\n") + 1] if data else b""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(kept or header)
-    os.replace(tmp, path)  # atomic: a second kill now can't lose the good rows
-    if data is None:
-        return f"{path} was missing: started a new one"
-    return f"dropped the half-written last line of {path}: {data[len(kept):]!r}"
-
-
 # ---------------------------------------------------------------- the workspace
 
 class Workspace:
@@ -262,6 +174,12 @@ class Workspace:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser().resolve()
         self.repairs: list[str] = []  # what `open` fixed after a crash
+        # while a loop holds the workspace (see `hold`): results.tsv as the loop last wrote it,
+        # and the pins as they were when it started; what a training run does to the files on
+        # disk can't change these
+        self._record: bytes | None = None
+        self._key: bytes | None = None
+        self._pins: dict | None = None
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.path)!r})"
@@ -284,6 +202,8 @@ class Workspace:
                  "program.md": _program_text(program), ".gitignore": GITIGNORE}
         ws._init_repo(f"autoresearch/{tag}")
         ws._commit_baseline(files, settings)
+        records.new_key(ws.path / KEY_FILE)
+        ws._save_pins({"kit": pins.kit_digests()})  # the data: before the first experiment
         return ws
 
     @classmethod
@@ -336,7 +256,7 @@ class Workspace:
         for name, content in files.items():
             (self.path / name).write_text(content, encoding="utf-8")
         settings.to_json(self.path / "settings.json")
-        _repair_results(self.results_path)  # a missing file becomes a header-only one
+        records.repair_results(self.results_path)  # a missing file becomes a header-only one
         self.log_dir.mkdir(exist_ok=True)
         self._git("add", *TRACKED)
         self._git("commit", "-q", "--no-verify", "-m", "baseline")
@@ -442,14 +362,15 @@ class Workspace:
     # ------------------------------------------------------------ results.tsv
 
     def append_result(self, row: dict) -> None:
-        """Add one experiment's row to results.tsv: appended, flushed to disk, never rewritten."""
+        """Add one experiment's row to results.tsv, signed: appended, flushed to disk, never rewritten."""
         if not row.get("timestamp"):
             row = {**row, "timestamp": dt.datetime.now().isoformat(timespec="seconds")}
-        if not self.results_path.exists():
-            _repair_results(self.results_path)  # a deleted file comes back header-only
-        with open(self.results_path, encoding="utf-8") as f:
-            columns = f.readline().rstrip("\n").split("\t")  # upstream's file keeps its five
-        line = _format_row(row, columns)
+        if self._record is not None:
+            self.restore_results()  # a loop appends only to the file it wrote itself
+        elif not self.results_path.exists():
+            records.repair_results(self.results_path)  # a deleted file comes back header-only
+        number = len(self.results())  # a row is signed with its place: a copy elsewhere fails
+        line = records.format_row(row, self._columns(), self._signing_key(), number)
         size = self.results_path.stat().st_size
         try:
             with open(self.results_path, "a", encoding="utf-8", newline="\n") as f:
@@ -460,10 +381,20 @@ class Workspace:
             with contextlib.suppress(OSError):  # no half row for the next reader (open() also
                 os.truncate(self.results_path, size)  # drops one, should this fail too)
             raise storage_error(e, self.path, self.results_path) or e
+        if self._record is not None:
+            self._record += line.encode()
 
     def results(self) -> list[dict]:
-        """Every row of results.tsv, numbers as numbers, missing extras as None."""
-        return _read_results(self.results_path)
+        """Every row of results.tsv, numbers as numbers, missing extras as None.
+
+        Only rows the loop signed: another one raises ResultsError (`open` moves such rows out).
+        While a loop holds the workspace: the rows as that loop wrote them. To read any
+        results.tsv as it is, upstream's included, use `read_results(path)`.
+        """
+        if self._record is not None:
+            header, lines = records.split_lines(self.results_path, self._record)
+            return [records.parse_line(self.results_path, n, header, line) for n, line in lines]
+        return self._verified(self._results_bytes())
 
     def next_index(self) -> int:
         """The number of the next experiment: how many rows results.tsv has."""
@@ -477,33 +408,144 @@ class Workspace:
         row = min(kept, key=lambda r: r["val_bpb"])  # ties: the earliest
         return row["commit"], row["val_bpb"]
 
+    def restore_results(self, during: str = "the run") -> str | None:
+        """Put results.tsv and its key back as this loop left them, if anything else changed them.
+
+        Returns what had changed (None if nothing did). Lines the loop did not write go to
+        results.rejected.tsv, kept, not trusted. Only while a loop holds the workspace (`hold`):
+        it alone knows what it wrote.
+        """
+        if self._record is None:
+            return None
+        changed = []
+        path = self.results_path
+        now = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+        if now != self._record:
+            changed.append(f"results.tsv changed during {during}: {self._foreign(now, during)}")
+            records.write_atomic(path, self._record)  # a planted link is replaced, not followed
+        with contextlib.suppress(ResultsError):
+            if records.load_key(self.path / KEY_FILE) == self._key:
+                return "; ".join(changed) or None
+        records.save_key(self.path / KEY_FILE, self._key)
+        changed.append(f"the workspace key ({KEY_FILE}) was replaced during {during}")
+        return "; ".join(changed)
+
+    def _foreign(self, now: bytes | None, during: str) -> str:
+        """What differs between results.tsv and the loop's record, in words; foreign lines rejected."""
+        if now is None:
+            return "it was deleted or replaced by something that is not a file; put back"
+        added, removed = records.difference(self._record, now)
+        self._reject(added, f"found in results.tsv after {during}; the loop did not write it")
+        said = ([f"{len(added)} line(s) the loop did not write, moved to {REJECTED}"] * bool(added)
+                + [f"{len(removed)} of its lines removed or edited"] * bool(removed))
+        return " and ".join(said or ["its lines were rearranged"]) + "; put back as the loop wrote it"
+
+    def _reject(self, lines: list[str], why: str) -> None:
+        records.reject(self.path / REJECTED, [redact(line) for line in lines], why)
+
+    def _verified(self, data: bytes) -> list[dict]:
+        """The rows of results.tsv `data`; ResultsError at the first one the loop did not sign."""
+        rows, bad = records.verified_rows(self.results_path, data, self._signing_key())
+        if bad:
+            raise records.unverified_error(self.results_path, bad[0][0])
+        return rows
+
+    def _results_bytes(self) -> bytes:
+        path = self.results_path
+        return path.read_bytes() if path.exists() else records.HEADER.encode()
+
+    def _columns(self) -> list[str]:
+        """results.tsv's columns: this kit's, since a workspace's rows are always signed."""
+        data = self._record if self._record is not None else self._results_bytes()
+        columns = data.split(b"\n", 1)[0].decode("utf-8", "replace").split("\t")
+        if columns != RESULTS_COLUMNS:
+            raise ResultsError(f"{self.results_path}, line 1: the header is not this kit's (its "
+                               f"columns are {' '.join(RESULTS_COLUMNS)}), so rows can't be added "
+                               f"and signed. Workspace.open({str(self.path)!r}) migrates it.")
+        return columns
+
+    def _signing_key(self) -> bytes:
+        if self._key is not None:
+            return self._key
+        key = records.load_key(self.path / KEY_FILE)
+        if key is None:
+            raise WorkspaceError(
+                f"{self.path} has no key to sign and check results.tsv ({KEY_FILE}): it was made "
+                "before rows were signed, or the key was deleted. Workspace.open("
+                f"{str(self.path)!r}) makes a key and signs the rows results.tsv has now.")
+        return key
+
     # ------------------------------------------------------------ one loop at a time
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Hold the workspace for a loop: the lock, and results.tsv, its key and the pins in memory.
+
+        The process is also closed to /proc readers (`_undumpable`), for the rest of its life.
+        What the loop then reads (`results`, `best`) and checks (`restore_results`, `check_pins`)
+        is what it wrote or found when it started, whatever a training run does to the files.
+        Raises ResultsError if results.tsv has a row the loop did not sign.
+        """
+        with self.lock():
+            _undumpable()  # its training runs can't read its environment or memory through /proc
+            if not self.results_path.exists():
+                records.repair_results(self.results_path)
+            data = self.results_path.read_bytes()
+            self._verified(data)
+            self._record, self._key = data, self._signing_key()
+            try:
+                yield self
+            finally:  # left as the loop wrote it, even after a stopped run that was not recorded
+                with contextlib.suppress(OSError):
+                    self.restore_results("the loop")
+                self._record = self._key = self._pins = None
 
     @contextlib.contextmanager
     def lock(self):
         """Hold the workspace for one loop; a second one gets WorkspaceLocked.
 
         flock, not "does .lock exist": the OS releases the lock when its holder dies, so a
-        loop killed by SIGKILL or a crashed kernel never leaves a stale lock behind.
+        loop killed by SIGKILL or a crashed kernel never leaves a stale lock behind. The lock is
+        on the folder itself, so deleting .lock (a training script could) frees nothing: .lock
+        only names the holder, for the message.
         """
         if fcntl is None:
             warnings.warn("no fcntl on this system: two loops on one workspace are not prevented")
             yield self
             return
         try:
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by runs
+            folder = os.open(self.path, os.O_RDONLY)  # not inherited by runs
         except OSError as e:
             raise storage_error(e, self.path) or e
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise self._locked_error(os.read(fd, 32).decode().strip()) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())  # so the next one can say who holds it
+                raise self._locked_error(self._lock_holder()) from None
+            self._write_holder()
             yield self
         finally:
-            os.close(fd)  # closing releases the lock
+            os.close(folder)  # closing releases the lock
+
+    def _write_holder(self) -> None:
+        """Write our pid to .lock, so the next one can say who holds the workspace."""
+        path = self.path / ".lock"
+        try:
+            if path.is_symlink():
+                path.unlink()  # never write through a planted link
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise storage_error(e, self.path) or e
+
+    def _lock_holder(self) -> str:
+        try:
+            return (self.path / ".lock").read_text(errors="replace")[:32].strip()
+        except OSError:
+            return ""  # deleted: the message says "another process"
 
     def _locked_error(self, pid_text: str) -> WorkspaceLocked:
         pid = int(pid_text) if pid_text.isdigit() else None
@@ -514,6 +556,45 @@ class Workspace:
             f"{self.path} is in use by another loop, held by {who}. Two loops on one workspace "
             "would reset each other's experiments: stop that loop first (or kill the process), "
             "or work in another workspace.", pid)
+
+    # ------------------------------------------------------------ pins: the kit's code and data
+
+    def check_pins(self) -> str | None:
+        """None if the kit's code and the evaluation data are as pinned; else what changed and
+        what to do (see pins.py). A pin not taken yet is taken now: the data's before the first
+        experiment, both in a workspace made before pins. While a loop holds the workspace, the
+        pins it started with count, whatever happens to pins.json meanwhile.
+        """
+        try:
+            on_disk = pins.load(self.path / PINS_FILE, self._signing_key())
+        except pins.PinsError as e:
+            return str(e)
+        pinned = on_disk if self._pins is None else self._pins
+        if on_disk != pinned:
+            return (f"{self.path / PINS_FILE} changed while the loop ran: something, possibly a "
+                    "train.py, rewrote it, so the kit and data can't be trusted to be as pinned. "
+                    "If they are as you installed them, pin them again: "
+                    f"Workspace.open({str(self.path)!r}).repin()")
+        if "kit" not in pinned or "data" not in pinned:
+            pinned = {"kit": pins.kit_digests(), "data": pins.data_pin(self.settings), **pinned}
+            self._save_pins(pinned)
+        if self._record is not None:
+            self._pins = pinned
+        return (pins.kit_problem(pinned["kit"], self.path)
+                or pins.data_problem(pinned["data"], self.settings, self.path))
+
+    def repin(self) -> "Workspace":
+        """Pin the kit's code and the evaluation data as they are now; returns the workspace.
+
+        Only after changing them on purpose (you upgraded the kit): the loop stops when they
+        differ from the pins, since scores measured with other code or data are not comparable.
+        """
+        with self.lock():
+            self._save_pins({"kit": pins.kit_digests(), "data": pins.data_pin(self.settings)})
+        return self
+
+    def _save_pins(self, pinned: dict) -> None:
+        pins.save(self.path / PINS_FILE, self._signing_key(), pinned)
 
     # ------------------------------------------------------------ crash recovery
 
@@ -526,7 +607,8 @@ class Workspace:
             self._note("removed .git/index.lock left by a git command that was killed")
         with contextlib.suppress(FileNotFoundError):  # left if killed before the rename
             (self.path / TMP_TRAIN_PY).unlink()
-        self._note(_repair_results(self.results_path))
+        self._note(records.repair_results(self.results_path))
+        self._note(self._check_rows())
         head = self.head()
         # without results.tsv (a fresh clone) there is no record to judge HEAD by
         target = self._safe_commit() if had_results else head
@@ -539,6 +621,38 @@ class Workspace:
         if reasons:
             self.reset_to(target)
             self._note(f"reset to {target}, the best kept commit, because {' and '.join(reasons)}")
+
+    def _check_rows(self) -> str | None:
+        """Move rows the loop did not sign to results.rejected.tsv; adopt an unsigned workspace.
+
+        A workspace made before rows were signed has no key: one is made and the rows it has
+        are signed, once. Rows are signed again, too, when the kit's columns changed.
+        """
+        key = records.load_key(self.path / KEY_FILE)
+        data = self.results_path.read_bytes()
+        header, lines = records.split_lines(self.results_path, data)
+        if key is None:  # adopt it: every row it has now is taken as the loop's
+            for n, line in lines:
+                records.parse_line(self.results_path, n, header, line)  # a damaged one stops here
+            key, bad = records.new_key(self.path / KEY_FILE), []
+            note = (f"signed the {len(lines)} rows of results.tsv with a new workspace key "
+                    f"({KEY_FILE}): the workspace had none (it was made before rows were signed, "
+                    "or the key was deleted). From now on a row the loop did not write is refused")
+            if not lines and header == RESULTS_COLUMNS:
+                return None  # nothing to sign yet
+        else:
+            bad = records.verified_rows(self.results_path, data, key)[1]
+            if not bad and header == RESULTS_COLUMNS:
+                return None
+            note = (f"moved {len(bad)} row(s) the loop did not write (line(s) "
+                    f"{', '.join(str(n) for n, _ in bad)} of results.tsv: not signed by the loop) "
+                    f"to {REJECTED}, where they are kept, not trusted" if bad else
+                    "results.tsv now has the columns of this version of the kit, its rows signed again")
+        self._reject([line for _, line in bad], "not signed by the loop: it did not write this row")
+        numbers = {n for n, _ in bad}
+        good = [line for n, line in lines if n not in numbers]
+        records.write_atomic(self.results_path, records.resigned(header, good, key))
+        return note
 
     def _safe_commit(self) -> str:
         """The best kept commit, or the baseline commit before anything was kept."""
@@ -556,6 +670,19 @@ class Workspace:
         if repair:
             self.repairs.append(repair)
             warnings.warn(f"workspace repaired: {repair}", stacklevel=3)
+
+
+def _undumpable() -> None:
+    """Linux: close this process to /proc readers of the same user, for the rest of its life.
+
+    A training script runs as you, so it could otherwise read the loop's environment (API keys)
+    from /proc/<loop pid>/environ, or its memory from /proc/<pid>/mem. PR_SET_DUMPABLE 0 makes
+    those files root's. It stays so after the loop ends, since a process a run left behind could
+    read them then. Root still can, and the process writes no core dump. Elsewhere: nothing.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def _absolute(path) -> str | None:

@@ -8,11 +8,14 @@ keeps its own; only this child's runs get longer), so the test can SIGKILL it mi
 
 import dataclasses
 import sys
+from pathlib import Path
 
-from autoresearch_lib import loop
-from autoresearch_lib.agents import OfflineAgent
-from autoresearch_lib.runner import run_training
-from autoresearch_lib.workspace import Workspace
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout under test, not another copy
+
+from autoresearch_lib import loop  # noqa: E402
+from autoresearch_lib.agents import OfflineAgent  # noqa: E402
+from autoresearch_lib.runner import run_training  # noqa: E402
+from autoresearch_lib.workspace import Workspace  # noqa: E402
 
 LONG_BUDGET = 120  # seconds: far longer than the test waits before it kills us
 

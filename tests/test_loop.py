@@ -510,7 +510,8 @@ def test_a_second_loop_on_a_locked_workspace_is_refused(tmp_path, cache):
 # ---------------------------------------------------------------- the command line
 
 def cli(*args, cwd, env=None, timeout=300):
-    env = {**os.environ, "MPLBACKEND": "Agg", **(env or {})}
+    # PYTHONPATH: the checkout under test, not whichever copy the environment has installed
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "autoresearch_lib", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -405,7 +405,7 @@ def test_a_damaged_results_tsv_stops_the_loop_naming_the_line(ws, how):
 def test_a_truncated_last_row_stops_the_loop_until_open_drops_it(ws):
     with open(ws.results_path, "a") as f:
         f.write("abcdef0\t0.9")  # killed mid-write, no newline
-    with pytest.raises(ResultsError, match="line 3: expected 19"):
+    with pytest.raises(ResultsError, match=f"line 3: expected {len(RESULTS_COLUMNS)}"):
         loop.run(ws, ScriptedAgent([lr(0.03)]), max_experiments=1, executor=FakeRuns(0.5))
     with pytest.warns(UserWarning, match="half-written"):
         again = Workspace.open(ws.path)

@@ -2,6 +2,7 @@
 
 import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from autoresearch_lib import baseline
 from autoresearch_lib.config import get_preset
 from autoresearch_lib.workspace import (RESULTS_COLUMNS, ResultsError, Workspace, WorkspaceError,
-                                        WorkspaceLocked, default_tag)
+                                        WorkspaceLocked, default_tag, read_results)
 
 ROOT = Path(__file__).resolve().parents[1]
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the lock uses flock (POSIX)")
@@ -158,15 +159,22 @@ def test_append_result_refuses_typos(tmp_path):
     assert ws.results() == []
 
 
-def test_reads_and_extends_an_upstream_five_column_file(tmp_path):
-    ws = make(tmp_path)
-    ws.results_path.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
-                               "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
-    ws.append_result(row("b2c3d4e", 0.99, agent="offline", steps=3))
-    assert ws.results_path.read_text().splitlines()[-1] == "b2c3d4e\t0.990000\t1.2\tkeep\tan experiment"
-    first, second = ws.results()
+def test_upstream_files_are_read_but_a_workspace_trusts_only_its_own_rows(tmp_path):
+    upstream = tmp_path / "upstream_results.tsv"
+    upstream.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+                        "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
+    (first,) = read_results(upstream)  # upstream's own results, for analysis
     assert first["val_bpb"] == 0.9979 and first["memory_gb"] == 44.0 and first["agent"] is None
-    assert ws.best() == ("b2c3d4e", 0.99)
+    ws = make(tmp_path)
+    shutil.copy(upstream, ws.results_path)  # rows this workspace's loop never wrote
+    with pytest.raises(ResultsError, match="line 2: this row is not signed by the loop"):
+        ws.results()
+    with pytest.warns(UserWarning, match="moved 1 row"):
+        again = Workspace.open(ws.path)
+    assert again.results() == [] and ws.results_path.read_text() == "\t".join(RESULTS_COLUMNS) + "\n"
+    assert "a1b2c3d\t0.997900\t44.0\tkeep" in (ws.path / "results.rejected.tsv").read_text()
+    again.append_result(row("b2c3d4e", 0.99, agent="offline", steps=3))
+    assert again.best() == ("b2c3d4e", 0.99)
 
 
 def test_best_is_the_lowest_kept_row(tmp_path):
