@@ -43,7 +43,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from .agents import Proposal, ProposalError, State
