@@ -416,7 +416,9 @@ ATTACKS = {
     "data": """
         from autoresearch_lib import data
         from autoresearch_lib.config import Settings
-        val = data.prepare(Settings.from_json("settings.json"), verbose=False).dir / "val.npy"
+        import os
+        settings = Settings.from_json(os.environ["AUTORESEARCH_SETTINGS"])
+        val = data.prepare(settings, verbose=False).dir / "val.npy"
         tokens = bytearray(val.read_bytes())
         tokens[-1] ^= 1  # one token of the validation set, still a valid file
         val.write_bytes(bytes(tokens))
@@ -498,7 +500,9 @@ def test_a_run_that_changes_the_kit_or_the_data_stops_the_next_experiment(tmp_pa
     real = {p: hashlib.sha256(p.read_bytes()).digest() for p in [ROOT / "autoresearch_lib" / "harness.py",
                                                                   prepared.dir / "val.npy"]}
     (tmp_path / "attack.py").write_text(ATTACKS[target])
-    env = {**os.environ, "PYTHONPATH": str(kit), "AUTORESEARCH_CACHE": str(cache)}
+    # without a sandbox (which would hide the kit and the cache): what the pins are for
+    env = {**os.environ, "PYTHONPATH": str(kit), "AUTORESEARCH_CACHE": str(cache),
+           "AUTORESEARCH_SANDBOX": "0"}
     ws_path = tmp_path / "ws"
 
     def child(*args):
