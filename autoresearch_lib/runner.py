@@ -305,12 +305,12 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
     env = clean_env({"AUTORESEARCH_SETTINGS": f"{inside}/settings.json",
                      "AUTORESEARCH_T0": repr(t0), "AUTORESEARCH_RUNNER": "1"})
     argv = [sys.executable, "-m", "autoresearch_lib.launch", "train.py"]
+    caches = _compile_cache(env)
     if use_sandbox:
         files = {f"{inside}/settings.json": private / "settings.json",
                  f"{inside}/data/manifest.json": private / "data" / "manifest.json",
                  **{f"{inside}/data/{name}": prepared.dir / name for name in data.TRAINING_FILES}}
-        argv = sandbox.command(argv, cwd=run_dir, writable=[run_dir] + _compile_cache(env),
-                               files=files)
+        argv = sandbox.command(argv, cwd=run_dir, writable=[run_dir] + caches, files=files)
     else:
         for name in data.TRAINING_FILES:
             os.symlink(prepared.dir / name, private / "data" / name)
