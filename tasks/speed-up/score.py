@@ -1,4 +1,4 @@
-"""Score solve.py: time it on fresh questions, check every answer, print `seconds: <number>`.
+"""Score solve.py: time it on fresh questions, check every answer, print `median_seconds: <n>`.
 
 This file is the judge, so the candidate never runs in its process (imported code could print
 its own time, or patch this one). solve.py runs as a separate program, in a private folder
@@ -79,7 +79,7 @@ def main() -> None:
             seconds, answers = timed_call(queries, private)
             check(queries, answers, reference(queries))
             times.append(seconds)
-    print(f"seconds: {statistics.median(times):.4f}")
+    print(f"median_seconds: {statistics.median(times):.4f}")
 
 
 if __name__ == "__main__":
