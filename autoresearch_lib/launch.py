@@ -1,4 +1,5 @@
-"""Start an experiment's script for the runner: `python -m autoresearch_lib.launch train.py`.
+"""Start an experiment's script for the runner: `python -m autoresearch_lib.launch train.py`
+(or any program, for a task: `python -m autoresearch_lib.launch -- python score.py`).
 
 The launcher is the first process of a run, and it makes sure the run ends when it ends:
 - it dies with the runner (PR_SET_PDEATHSIG), so a killed loop leaves no training behind;
@@ -64,7 +65,9 @@ def kill_leftovers(seconds: float = 5.0) -> None:
 def main(argv: list[str]) -> int:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    script = subprocess.Popen([sys.executable, *argv])
+    # `launch train.py` runs a Python script; `launch -- prog args` any program (a task's command)
+    command = argv[1:] if argv[:1] == ["--"] else [sys.executable, *argv]
+    script = subprocess.Popen(command)
     try:
         code = script.wait()
     finally:

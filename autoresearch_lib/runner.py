@@ -224,7 +224,7 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
     The log goes to `log_path` (default run_dir/run.log). See the module docstring.
     """
     t0 = time.time()
-    run_dir = _fresh_dir(Path(run_dir).resolve())
+    run_dir = fresh_dir(Path(run_dir).resolve())
     log_path = Path(log_path).resolve() if log_path else run_dir / "run.log"
     (run_dir / "train.py").write_text(script_text, encoding="utf-8")
     prepared = data.prepare(settings, verbose=False)  # here, once: the run itself only reads
@@ -280,7 +280,7 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
     return result
 
 
-def _fresh_dir(run_dir: Path) -> Path:
+def fresh_dir(run_dir: Path) -> Path:
     """An empty run folder: what an earlier attempt left there moves to NAME.prev, so nothing
     a run wrote (weights, say) is ever in the next run's view."""
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -314,9 +314,6 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
     else:
         for name in data.TRAINING_FILES:
             os.symlink(prepared.dir / name, private / "data" / name)
-    proc = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group
 
     def line(text: str) -> None:
         if on_line:
@@ -329,16 +326,32 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
             if on_progress:
                 on_progress(progress)
 
-    capture = OutputCapture(os.dup(proc.stdout.fileno()), on_line=line)
+    return run_command(argv, run_dir, env, t0 + limit, stop, line)
+
+
+def run_command(argv: list[str], cwd: Path, env: dict, deadline: float,
+                stop: threading.Event | None = None,
+                on_line: Callable[[str], None] | None = None) -> tuple[OutputCapture, int | None, bool]:
+    """Run `argv` (already wrapped in the sandbox, if any) under an outside clock.
+
+    It gets its own process group, no stdin, and one pipe for stdout and stderr, read live and
+    kept capped and redacted (output.py); `on_line` sees every line. At `deadline` (a
+    time.time() value) or on `stop` the whole group is killed. Returns (capture, returncode,
+    timed_out). The GPT runner and tasks.py both run their commands through here.
+    """
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group
+    capture = OutputCapture(os.dup(proc.stdout.fileno()), on_line=on_line)
     proc.stdout.close()
-    timed_out = _wait(proc, t0 + limit, stop)
+    timed_out = _wait(proc, deadline, stop)
     if not capture.wait(2.0):  # something outside the run still holds its output: stop reading
         capture.stop()
     return capture, proc.returncode, timed_out
 
 
 def _wait(proc: subprocess.Popen, deadline: float, stop: threading.Event | None) -> bool:
-    """Wait for the training process; kill it at the deadline or on stop. True if it timed out."""
+    """Wait for the process; kill its group at the deadline or on stop. True if it timed out."""
     try:
         while proc.poll() is None:
             if stop is not None and stop.is_set():

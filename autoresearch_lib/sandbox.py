@@ -31,9 +31,6 @@ import sys
 from pathlib import Path
 
 MODE_ENV = "AUTORESEARCH_SANDBOX"
-NO_SANDBOX_WARNING = ("warning: NO SANDBOX: train.py runs with your rights and can read and change "
-                      "your files (the workspace, the validation data) and use the network; "
-                      "install bubblewrap (apt install bubblewrap) so the score can be trusted")
 # variables a run may inherit; everything else (API keys, cloud credentials under any name) stays out
 ENV_ALLOWED = {"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "LD_LIBRARY_PATH", "PYTHONHASHSEED"}
 ENV_PREFIXES = ("AUTORESEARCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "TORCH",
@@ -41,6 +38,16 @@ ENV_PREFIXES = ("AUTORESEARCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_"
 # the few system files a Python program needs from /etc (not /etc itself: it may hold secrets)
 ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "passwd", "group", "nsswitch.conf",
              "localtime", "ssl", "ca-certificates", "alternatives", "os-release")
+
+
+def no_sandbox_warning(what: str = "train.py") -> str:
+    """The loud line a run without a sandbox logs; `what` is the code that runs unconfined."""
+    return (f"warning: NO SANDBOX: {what} runs with your rights and can read and change "
+            "your files (the workspace, the validation data) and use the network; "
+            "install bubblewrap (apt install bubblewrap) so the score can be trusted")
+
+
+NO_SANDBOX_WARNING = no_sandbox_warning()
 
 
 class SandboxError(RuntimeError):
