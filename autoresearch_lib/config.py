@@ -135,7 +135,7 @@ def make_settings(preset: str = "auto", **overrides) -> Settings:
     if values.get("text") and values.get("dataset") in (None, "auto", "shakespeare"):
         values["dataset"] = "text"
     if values.get("dataset") == "auto":  # GPU presets: TinyStories when online
-        from .data import auto_dataset
+        from .download import auto_dataset
 
         values["dataset"] = auto_dataset()
     return Settings(**values)

@@ -109,22 +109,6 @@ def passages(text: str, max_chars: int = DOC_CHARS) -> list[str]:
     return docs
 
 
-def auto_dataset() -> str:
-    """TinyStories when Hugging Face answers, else the embedded corpus with a warning."""
-    import urllib.request
-
-    from .download import hf_base_url
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(hf_base_url(), method="HEAD"), timeout=3)
-        return "tinystories"
-    except Exception:
-        print("warning: offline, so the GPU preset trains on the embedded Shakespeare (5 MB). "
-              "A 5-minute GPU run sees it many times over, so val_bpb measures overfitting more "
-              "than research progress; the summary's `epochs:` line says how many times.")
-        return "shakespeare"
-
-
 def load_corpus(settings: Settings) -> tuple[list[str], list[str]]:
     """Train and validation documents for the dataset the settings name."""
     if settings.dataset == "shakespeare":
@@ -285,8 +269,36 @@ def save_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+_PREPARED: dict[tuple, Prepared] = {}  # this process's memo: see prepare()
+
+
+def _sources(settings: Settings) -> tuple:
+    """Name, size and modification time of the files a corpus is read from (cheap to get)."""
+    if settings.dataset == "shakespeare":
+        files = sorted(corpus_dir().glob("*.txt"))
+    elif settings.dataset == "text" and settings.text:
+        files = text_files(settings.text) + (text_files(settings.val_text) if settings.val_text else [])
+    else:  # downloaded shards never change once complete
+        files = []
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+
+
 def prepare(settings: Settings, verbose: bool = True) -> Prepared:
-    """Load the corpus, train (or reuse) the tokenizer and write the token files. Idempotent."""
+    """Load the corpus, train (or reuse) the tokenizer and write the token files. Idempotent.
+
+    Within one process the answer is remembered (keyed by the settings and the corpus files'
+    sizes and times), so a loop reads and hashes the corpus once, not once per experiment.
+    """
+    memo = (settings.dataset, settings.text, settings.val_text, settings.vocab_size,
+            str(cache_dir(settings)), _sources(settings))
+    known = _PREPARED.get(memo)
+    if known is not None and (known.dir / "manifest.json").exists():
+        return known
+    _PREPARED[memo] = prepared = _prepare(settings, verbose)
+    return prepared
+
+
+def _prepare(settings: Settings, verbose: bool) -> Prepared:
     train, val = load_corpus(settings)
     if not train or not val:
         raise DataError("the corpus has no training or no validation text after splitting.")

@@ -112,3 +112,23 @@ def test_dataloader_batches(prepared):
     assert int(x.max()) < prepared.vocab_size
     again = data.make_dataloader(prepared.tokens("train"), prepared.vocab_size - 1, 4, 32, seed=1)
     assert (next(again)[0] == x).all()  # seeded: reproducible
+
+
+def test_a_loop_reads_and_hashes_the_corpus_once_not_per_experiment(tmp_path, monkeypatch):
+    """The runner prepares the data before every experiment; after the first time in a process
+    that is a dictionary lookup, not a corpus read (a full parquet read for big datasets)."""
+    from autoresearch_lib.runner import run_training
+
+    reads = []
+    real = data.load_corpus
+    monkeypatch.setattr(data, "load_corpus", lambda s: reads.append(s.dataset) or real(s))
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Passage {i}: a few words about nothing much." for i in range(300)))
+    settings = make_settings("quick", text=str(text), cache_dir=str(tmp_path / "cache"))
+    for i in range(3):  # three quick "experiments" (each exits at once: preparing is the point)
+        result = run_training("raise SystemExit(3)\n", settings, tmp_path / f"run{i}")
+        assert result.status == "crash"
+    assert reads == ["text"]
+    text.write_text(text.read_text() + "\n\nOne more passage, so the corpus changed.")
+    data.prepare(settings, verbose=False)
+    assert reads == ["text", "text"]  # a changed corpus is read again
