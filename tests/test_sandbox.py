@@ -1,0 +1,233 @@
+"""The sandbox itself (sandbox.command + sandbox.environment), with tiny Python programs: what a
+process inside can read, write, see and reach. Each test also checks the allowed case, so that
+a program that simply failed to start cannot pass for a sandbox that works.
+"""
+
+import ast
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from autoresearch_lib import sandbox
+
+
+def _bwrap() -> bool:
+    try:
+        return sandbox.mode() == "bwrap"
+    except sandbox.SandboxError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _bwrap(), reason="needs the bubblewrap sandbox (apt install bubblewrap)")
+
+
+def inside(program: str, folder: Path, writable=(), readable=(), env=None, timeout=60) -> str:
+    """Run `program` (Python source) in the sandbox with cwd `folder` (made writable); its output."""
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = sandbox.command([sys.executable, "-c", program], cwd=folder, writable=[folder, *writable],
+                           readable=list(readable))
+    done = subprocess.run(argv, env=sandbox.environment() if env is None else env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def alive(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def gone(marker: str, seconds: float = 5.0) -> bool:
+    deadline = time.time() + seconds
+    while alive(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    return not alive(marker)
+
+
+def test_a_sandboxed_process_cannot_read_files_outside_what_it_is_given(tmp_path):
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("the validation tokens")
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "ok.txt").write_text("training tokens")
+    out = inside(f"""
+import os
+for path in [{str(secret)!r}, {str(given / "ok.txt")!r}, "/etc/shadow", os.path.expanduser("~root/.bashrc")]:
+    try:
+        print("READ", path, open(path).read().strip())
+    except OSError as e:
+        print("NO", path, type(e).__name__)
+print("LIST", sorted(os.listdir({str(tmp_path)!r})))
+""", tmp_path / "run", readable=[given])
+    assert f"NO {secret} FileNotFoundError" in out
+    assert f"READ {given / 'ok.txt'} training tokens" in out  # what it is given, it can read
+    assert "NO /etc/shadow" in out and "READ /root" not in out
+    assert "LIST ['given', 'run']" in out  # only the bind points exist: "elsewhere" does not
+
+
+def test_a_sandboxed_process_cannot_write_outside_its_writable_folder(tmp_path):
+    given = tmp_path / "given"
+    given.mkdir()
+    probe = f"probe-{uuid.uuid4().hex}"
+    targets = {"outside": tmp_path / "outside.txt", "read-only": given / "x.txt",
+               "kit": sandbox.package_dir() / probe, "python": Path(sys.prefix) / probe,
+               "writable": tmp_path / "run" / "ok.txt"}
+    try:
+        out = inside(f"""
+for name, path in {({k: str(v) for k, v in targets.items()})!r}.items():
+    try:
+        open(path, "w").write("x")
+        print("WROTE", name)
+    except OSError as e:
+        print("NO", name, type(e).__name__)
+""", tmp_path / "run", readable=[given])
+    finally:
+        leaked = [p for name, p in targets.items() if name != "writable" and p.exists()]
+        for path in leaked:
+            path.unlink()
+    assert not leaked, f"the sandbox wrote {leaked}"
+    assert (tmp_path / "run" / "ok.txt").read_text() == "x" and "WROTE writable" in out
+    for name in ("read-only", "kit", "python"):
+        assert f"NO {name} OSError" in out  # EROFS: read-only file system
+    # (a path under /tmp "succeeds" in the sandbox's private /tmp: nothing outside changes)
+
+
+def test_a_sandboxed_process_sees_only_its_own_processes(tmp_path):
+    out = inside(f"""
+import os
+pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+print(pids)
+for pid in pids + [{os.getpid()}, {os.getppid()}]:  # and the test's own PID, and its parent's
+    try:
+        print(pid, open(f"/proc/{{pid}}/cmdline", "rb").read())
+    except OSError as e:
+        print(pid, type(e).__name__)
+""", tmp_path / "run")
+    assert ast.literal_eval(out.splitlines()[0]) == [1, 2]  # bwrap's init and the program itself
+    lines = out.splitlines()
+    assert lines[1].startswith("1 b'bwrap\\x00") and lines[2].startswith(f"2 b'{sys.executable}\\x00-c")
+    assert lines[3:] == [f"{os.getpid()} FileNotFoundError", f"{os.getppid()} FileNotFoundError"]
+
+
+def test_a_sandboxed_process_has_no_network(tmp_path):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def serve():
+        try:
+            while True:
+                server.accept()[0].close()
+        except OSError:  # closed at the end of the test
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # it is there, from outside
+        out = inside(f"""
+import socket
+print("INTERFACES", [name for _, name in socket.if_nameindex()])
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=5)
+    print("CONNECTED")
+except OSError as e:
+    print("NO CONNECTION", type(e).__name__)
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=5)
+    print("CONNECTED OUT")
+except OSError as e:
+    print("NO ROUTE", type(e).__name__)
+""", tmp_path / "run")
+    finally:
+        server.close()
+    assert "INTERFACES ['lo']" in out
+    assert "NO CONNECTION ConnectionRefusedError" in out and "NO ROUTE" in out and "CONNECTED" not in out
+
+
+SECRETS = {"OPENAI_API_KEY": "sk-openai-secret", "HF_TOKEN": "hf_secret_token",
+           "AWS_SECRET_ACCESS_KEY": "aws-secret-value", "GITHUB_TOKEN": "ghp_secret_value"}
+
+
+def test_a_sandboxed_process_gets_only_the_allow_listed_environment(tmp_path, monkeypatch):
+    for name, value in {**SECRETS, "MY_PLAIN_SETTING": "not on the list"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AUTORESEARCH_QUICK", "1")
+    out = inside("import os\nprint(sorted(os.environ.items()))", tmp_path / "run")
+    env = dict(ast.literal_eval(out))
+    assert "PATH" in env and env.get("AUTORESEARCH_QUICK") == "1"  # what a run needs gets through
+    assert "MY_PLAIN_SETTING" not in env
+    for name, value in SECRETS.items():
+        assert name not in env and value not in out
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "defect: sandbox.environment passes every variable with an allowed prefix (AUTORESEARCH_, "
+    "CUDA_, NVIDIA_, TORCH, ...) even when its name says it is a secret (redact.is_secret_name)"))
+@pytest.mark.parametrize("name", ["NVIDIA_API_KEY", "AUTORESEARCH_OPENAI_KEY", "TORCH_HUB_TOKEN"])
+def test_a_secret_named_variable_with_an_allowed_prefix_stays_out(tmp_path, monkeypatch, name):
+    secret = f"secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv(name, secret)
+    out = inside("import os\nprint(sorted(os.environ.items()))", tmp_path / "run")
+    assert secret not in out
+
+
+DAEMON = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv(sys.executable, [sys.executable, "-c", "import time\\nwhile True: time.sleep(1)", sys.argv[1]])
+    os._exit(0)
+os.wait()
+time.sleep(0.5)
+print("daemon started", flush=True)
+"""
+
+
+def test_every_process_in_the_sandbox_dies_when_the_first_one_exits(tmp_path):
+    marker = f"daemon-{uuid.uuid4().hex}"
+    folder = tmp_path / "run"
+    folder.mkdir()
+    argv = sandbox.command([sys.executable, "-c", DAEMON, marker], cwd=folder, writable=[folder])
+    done = subprocess.run(argv, env=sandbox.environment(), capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert "daemon started" in done.stdout, done.stderr
+    assert gone(marker), alive(marker)
+
+
+def test_the_sandbox_dies_with_the_process_that_started_it(tmp_path):
+    marker = f"orphan-{uuid.uuid4().hex}"
+    folder = tmp_path / "run"
+    folder.mkdir()
+    argv = sandbox.command([sys.executable, "-c", "import time\nwhile True: time.sleep(1)", marker],
+                           cwd=folder, writable=[folder])
+    starter = subprocess.Popen([sys.executable, "-c", "import subprocess, sys\nsubprocess.run(sys.argv[1:])", *argv],
+                               env=sandbox.environment(), start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while not alive(marker) and time.time() < deadline:
+            time.sleep(0.05)
+        assert alive(marker), "the sandboxed program never started"
+        os.kill(starter.pid, signal.SIGKILL)  # e.g. the loop killed by the OOM killer
+        starter.wait(10)
+        assert gone(marker), alive(marker)
+    finally:
+        for pid in alive(marker):  # only if the test failed: the process it started
+            os.kill(pid, signal.SIGKILL)
