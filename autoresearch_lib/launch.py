@@ -73,7 +73,8 @@ def main(argv: list[str]) -> int:
     finally:
         kill_leftovers()
     if code < 0:  # died by a signal: die the same way, so the runner sees what killed it
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two can't be caught anyway
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return code
 

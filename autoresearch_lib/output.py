@@ -1,9 +1,10 @@
 """Reading a run's output without letting it flood memory, the disk or the loop.
 
 A run may print anything, as much as it likes, as fast as it can (1 GiB of it, say). The
-capture reads the pipe in a thread, hands every line to a callback (progress lines drive the
-live view), and keeps only the first `head` and the last `tail` bytes for the log, with a note
-of how much was left out. Secret values are replaced by <redacted> before anything is kept.
+capture reads the pipe in a thread, hands lines to a callback (progress lines drive the live
+view; past the first MB only progress and failure lines and a few others a second), and keeps
+only the first `head` and the last `tail` bytes for the log, with a note of how much was left
+out. Secret values are replaced by <redacted> in everything kept or passed on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +36,7 @@ class OutputCapture:
         self.total = 0
         self._secrets = secret_values()
         self.stopped = False
+        self._shown = 0.0  # when a line past the head was last passed on
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -56,19 +59,26 @@ class OutputCapture:
     def _keep(self, line: str) -> None:
         if self.stopped:
             return
-        line = redact(line[:MAX_LINE].rstrip("\r"), self._secrets)
-        if self.on_line:
-            self.on_line(line)
+        line = line[:MAX_LINE].rstrip("\r")
         size = len(line) + 1
         if self.head_size + size <= self.head_limit and not self.tail:
+            line = redact(line, self._secrets)
             self.head.append(line)
             self.head_size += size
+            if self.on_line:
+                self.on_line(line)
             return
+        # past the head: perhaps a flood. Keep a tail (redacted when read), and pass on only
+        # progress and failure lines, plus a few others a second, so nothing downstream drowns
         self.tail.append(line)
         self.tail_size += size
         while self.tail_size > self.tail_limit:
             self.tail_size -= len(self.tail.popleft()) + 1
             self.dropped += 1
+        now = time.monotonic()
+        if self.on_line and (line.startswith(("step ", "FAIL")) or now - self._shown >= 0.1):
+            self._shown = now
+            self.on_line(redact(line, self._secrets))
 
     def wait(self, seconds: float) -> bool:
         """Wait up to `seconds` for the end of the output; True if it ended."""
@@ -84,7 +94,8 @@ class OutputCapture:
         """What was kept: the head, a note of what was left out, the tail."""
         note = ([f"[... {self.dropped:,} lines left out: this run printed {self.total:,} bytes; "
                  f"the log keeps the first and the last MB ...]"] if self.dropped else [])
-        return "\n".join([*self.head, *note, *self.tail]) + "\n"
+        tail = [redact(line, self._secrets) for line in self.tail]
+        return "\n".join([*self.head, *note, *tail]) + "\n"
 
     def write(self, path: Path) -> None:
         Path(path).write_text(self.text(), encoding="utf-8", errors="replace")

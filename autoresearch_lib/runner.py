@@ -34,6 +34,7 @@ from typing import Callable
 from . import data, sandbox, scoring
 from .config import MODEL_FILE, Settings
 from .output import OutputCapture
+from .records import write_atomic
 
 PROGRESS_RE = re.compile(r"^step (\d+) \(([\d.]+)%\) \| (.*)$")
 SUMMARY_RE = re.compile(r"^([a-z_A-Z]+):\s+(\S+)\s*$")
@@ -161,7 +162,9 @@ def classify(log: str, returncode: int | None, summary: dict, timed_out: bool) -
         return "crash", failure(codes[-1])
     if "TrainingDiverged" in tail:
         return "crash", "nan"
-    if any(marker in tail for marker in OOM_MARKERS) or returncode == -signal.SIGKILL:
+    # the kernel's out-of-memory killer sends SIGKILL (bwrap reports a child's death by signal
+    # n as exit status 128 + n)
+    if any(marker in tail for marker in OOM_MARKERS) or returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
         return "crash", "oom"
     if returncode != 0:
         lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
@@ -274,7 +277,8 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
         result.val_bpb = result.metric = None
         say(f"FAIL {result.reason}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text(log + "".join(f"{line}\n" for line in lines), encoding="utf-8")
+    # renamed into place, never written through a link a run may have left at run_dir/run.log
+    write_atomic(log_path, (log + "".join(f"{line}\n" for line in lines)).encode("utf-8", "replace"))
     if not result.ok:
         result.error_tail = "\n".join((log + "\n".join(lines)).strip().splitlines()[-30:])
     return result
@@ -418,6 +422,8 @@ def _score(result, script_text, settings, prepared, run_dir, use_sandbox, say) -
             say(line)
         return
     result.val_bpb = result.metric = scored.val_bpb
+    say(f"scored by the runner: {scored.spot_checks} spot checks, largest gap "
+        f"{scored.largest_gap:.2g} nats, {scored.seconds:.1f}s")
     result.eval_seconds = scored.seconds
     if settings.checkpoint:  # a verified copy where the user asked for the model
         target = Path(settings.checkpoint)

@@ -30,8 +30,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .redact import is_secret_name
+
 MODE_ENV = "AUTORESEARCH_SANDBOX"
-# variables a run may inherit; everything else (API keys, cloud credentials under any name) stays out
+# variables a run may inherit (unless named like a secret: NVIDIA_API_KEY stays out); everything
+# else (API keys, cloud credentials under any name) stays out
 ENV_ALLOWED = {"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "LD_LIBRARY_PATH", "PYTHONHASHSEED"}
 ENV_PREFIXES = ("AUTORESEARCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "TORCH",
                 "PYTORCH_", "TRITON_", "NCCL_", "LC_")
@@ -103,7 +106,7 @@ def why_not() -> str:
 def environment(extra: dict | None = None) -> dict:
     """The environment a run gets: an allow-list of the parent's, plus `extra`."""
     env = {k: v for k, v in os.environ.items()
-           if k in ENV_ALLOWED or k.startswith(ENV_PREFIXES)}
+           if (k in ENV_ALLOWED or k.startswith(ENV_PREFIXES)) and not is_secret_name(k)}
     env.update(extra or {})
     return env
 
