@@ -20,6 +20,7 @@ import torch
 
 from . import data, harness, sandbox, scoring
 from .config import Settings
+from .runner import FAIL_REASONS
 
 
 @dataclass
@@ -95,7 +96,8 @@ def evaluate(checkpoint: str | Path, prompt: str = "", num_samples: int = 1,
                            prompt, num_samples, max_new_tokens, temperature, top_k, seed)
     except scoring.ScoringError as e:
         detail = "\n".join(log[-10:])
-        raise RuntimeError(f"could not evaluate {path}: {e}\n{detail}".rstrip()) from None
+        reason = FAIL_REASONS.get(e.code, e.code)
+        raise RuntimeError(f"could not evaluate {path} ({reason}): {e}\n{detail}".rstrip()) from None
     return EvalResult(val_bpb=val_bpb, samples=samples, checkpoint=str(checkpoint))
 
 

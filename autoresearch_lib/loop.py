@@ -45,6 +45,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import sandbox
 from .agents import Proposal, ProposalError, State
 from .config import quick_mode
 from .records import write_atomic
@@ -152,6 +153,7 @@ def proposal_retry_delay(failures: int) -> float:
 def _holding(ws: Workspace):
     """Hold the workspace (its lock, and results.tsv in memory: see Workspace.hold); a full or
     read-only disk becomes a WorkspaceError saying what to do."""
+    sandbox.mode()  # AUTORESEARCH_SANDBOX=1 where none can be made: say so before any commit
     try:
         with ws.hold():
             yield
