@@ -32,6 +32,7 @@ WINDOW_PATTERNS = ("L", "SL", "SSL", "SSSL")  # S: short (local) window, L: full
 RATIOS = ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "WEIGHT_DECAY")  # kept in [0, 1]
 PREFERRED_WEIGHT = 3  # how much likelier a move is if the same direction helped before
 INT_LIMIT = 10**9  # integers move within [1, INT_LIMIT] (from a positive start)
+SMALL_INT = 8  # up to this, an integer also moves by +-1
 CHANGE = re.compile(r"^((?:[\w./-]+:)?[A-Z][A-Z0-9_]*) (.+?) -> (.+)$")
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
              ast.Div: operator.truediv, ast.Pow: operator.pow}
@@ -215,10 +216,11 @@ def _moves_for(name: str, value: object) -> list:
 
 
 def _int_moves(value: int) -> list[int]:
-    """An integer knob: +-1, x2 and /2, staying positive (and below INT_LIMIT) if it was."""
+    """An integer knob: x2 and /2, and +-1 for small ones (300 steps -> 301 would waste a run),
+    staying positive (and below INT_LIMIT) if it was."""
     if value <= 0:
         return [value - 1, value + 1] if value < 0 else [1]
-    moves = [value - 1, value + 1, value * 2, value // 2]
+    moves = ([value - 1, value + 1] if value <= SMALL_INT else []) + [value * 2, value // 2]
     return list(dict.fromkeys(v for v in moves if 1 <= v <= INT_LIMIT and v != value))
 
 
