@@ -454,6 +454,8 @@ class Workspace:
             raise WorkspaceError(f"only {', '.join(self.editable)} may be committed by the loop, "
                                  f"not {', '.join(unknown)}")
         message = " ".join(one_line(message or "").split()) or "experiment"  # no NUL for git
+        for name in texts:
+            self._editable_path(name)  # a link or a folder in its place: refused, left as it is
         try:
             for name, text in texts.items():
                 self._write_editable(name, text)
