@@ -2,10 +2,11 @@
 
 Upstream's five columns come first, so tools written for karpathy/autoresearch read our file;
 the extra columns follow. The second column is the metric: `val_bpb` for GPT training, the
-task's own metric (`mse`, `accuracy`, ...) for any other task (`columns_for`). The last one, `sig`, is an HMAC-SHA256 of the row under a key that
-only the workspace's loop uses (`.git/autoresearch/key`, made with the workspace). A training
-script runs as the same user as the loop and could append a line claiming `keep 0.1`; without
-the key it can't sign it, so the line is refused. The signature also covers the header and the
+task's own metric (`mse`, `accuracy`, ...) for any other task (`columns_for`). The last
+column, `sig`, is an HMAC-SHA256 of the row under a key that only the workspace's loop uses
+(`.git/autoresearch/key`, made with the workspace). A training script runs as the same user as
+the loop and could append a line claiming `keep 0.1`; without the key it can't sign it, so the
+line is refused. The signature also covers the header and the
 row's number, so a genuine row copied to another place, or moved under renamed columns, fails.
 
 Two readers: `read_results` reads any results.tsv as it is (upstream's too, for analysis);

@@ -19,7 +19,7 @@ import logging
 import os
 
 from .base import MissingAPIKeyError, Proposal, ProposalError, State
-from .edits import EditError, apply_reply, format_help
+from .edits import EditError, apply_reply
 
 log = logging.getLogger(__name__)
 
