@@ -1,9 +1,11 @@
-"""Command line: `python -m autoresearch_lib {prepare,train,evaluate,loop,report} ...`."""
+"""Command line: `python -m autoresearch_lib {prepare,train,evaluate,loop,report,tasks} ...`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import time
 
 from tqdm import tqdm
 
@@ -31,6 +33,46 @@ def tqdm_progress(budget: float):
         bar.set_postfix_str(f"step {p.step} loss {p.loss:.3f} {p.tok_per_sec:,.0f} tok/s", refresh=True)
 
     return bar, on_progress
+
+
+class LiveBar:
+    """The running experiment as a tqdm bar, for the loop command (driven by loop events).
+
+    GPT training: the time budget, with step, loss and tokens/s. Another task: the seconds its
+    command has run, out of its timeout (a task that prints GPT-style progress lines shows them).
+    """
+
+    def __init__(self, budget: float, task: bool):
+        self.budget, self.task = budget, task
+        self.bar, self.started, self.done = None, 0.0, threading.Event()
+
+    def start(self, index: int) -> None:
+        self.close()
+        self.bar = tqdm(total=round(self.budget), unit="s", leave=False, desc=f"#{index:03d}",
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total}s{postfix}")
+        self.started, self.done = time.time(), threading.Event()
+        if self.task:  # the command prints nothing we can read: tick the elapsed time ourselves
+            threading.Thread(target=self._tick, args=(self.bar, self.done), daemon=True).start()
+
+    def _tick(self, bar, done: threading.Event) -> None:
+        while not done.wait(0.5):
+            bar.n = min(bar.total, round(time.time() - self.started))
+            bar.set_postfix_str("elapsed, of the task's timeout", refresh=True)
+
+    def progress(self, p) -> None:
+        if self.bar is None:
+            return
+        if not self.task:
+            self.bar.n = min(self.bar.total, round(self.budget * p.percent / 100))
+        self.bar.set_postfix_str(f"step {p.step} loss {p.loss:.3f}"
+                                 + (f" {p.tok_per_sec:,.0f} tok/s" if p.tok_per_sec else ""),
+                                 refresh=True)
+
+    def close(self) -> None:
+        self.done.set()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def cmd_prepare(args) -> None:
@@ -69,9 +111,8 @@ def cmd_evaluate(args) -> None:
 
 def make_cli_agent(args):
     """The agent the loop command asked for."""
-    import json
-
     from .agents import make_agent
+    from .agents.scripted import parse_edits
 
     if args.agent == "openai":
         return make_agent("openai", model=args.model, base_url=args.base_url)
@@ -79,48 +120,81 @@ def make_cli_agent(args):
         if not args.edits:
             raise ValueError("--agent scripted needs --edits FILE: a JSON list of replies "
                              '(strings) or [description, {"NAME": value}] pairs.')
-        edits = json.loads(open(args.edits).read())
-        return make_agent("scripted", edits=[tuple(e) if isinstance(e, list) else e for e in edits])
+        with open(args.edits, encoding="utf-8") as f:
+            return make_agent("scripted", edits=parse_edits(f.read()))
     return make_agent("offline", seed=args.seed)
 
 
-def experiment_line(exp) -> str:
+def experiment_line(exp, metric: str = "val_bpb") -> str:
     """One line per experiment, as the loop command prints it."""
     bpb = f"{exp.val_bpb:.6f}" if exp.val_bpb is not None else "   -    "
     best = f"(best {exp.best_before:.6f})" if exp.best_before is not None else "(first run)"
     why = f"  [{exp.reason}]" if exp.status == "crash" else ""
-    return f"#{exp.index:03d} {exp.commit} {exp.status:<7} val_bpb {bpb} {best}  {exp.description}{why}"
+    return f"#{exp.index:03d} {exp.commit} {exp.status:<7} {metric} {bpb} {best}  {exp.description}{why}"
 
 
-def cmd_loop(args) -> int:
-    from . import loop
-    from .plots import save_progress_chart
-    from .workspace import Workspace
-
+def open_or_create(args):
+    """The loop command's workspace: resumed if it exists, else made (GPT, or --task)."""
     from pathlib import Path
 
+    from .workspace import TASK_JSON, Workspace
+
     path = Path(args.workspace)
-    agent = make_cli_agent(args)  # first: a missing key or edits file must not leave a workspace behind
-    if (path / "settings.json").exists():
+    if (path / "settings.json").exists() or (path / TASK_JSON).exists():
         ws = Workspace.open(path)
         print(f"resuming {path} ({ws.next_index()} experiments so far, best {ws.best()})")
+        if args.task and args.task != ws.task_info["name"] and Path(args.task).name != ws.task_info["name"]:
+            raise ValueError(f"{path} is a workspace for the task {ws.task_info['name']}, not "
+                             f"{args.task}: use a new --workspace for another task.")
+        if ws.is_task:
+            return ws
         fixed = ws.settings
         if (args.budget and args.budget != fixed.budget) or args.preset not in ("auto", fixed.preset):
             print(f"note: this workspace's settings were fixed when it was made (preset "
                   f"{fixed.preset}, budget {fixed.budget:g}s), so every experiment is measured "
                   "alike; --preset/--budget are ignored. Use a new --workspace to change them.")
-    else:
-        ws = Workspace.create(path, preset=args.preset, budget=args.budget, text=args.text,
-                              val_text=args.val_text, dataset=args.dataset,
-                              vocab_size=args.vocab_size)
-        print(f"created {path} on branch {ws.branch} (preset {ws.settings.preset}, "
-              f"budget {ws.settings.budget:g}s)")
-    from .data import prepare as prepare_data
+        return ws
+    if args.task and args.task != "gpt":
+        ws = Workspace.create(path, task=args.task)
+        task = ws.task
+        print(f"created {path} on branch {ws.branch} (task {task.name}: {task.direction} "
+              f"{task.metric}, editing {', '.join(task.editable)})")
+        return ws
+    ws = Workspace.create(path, preset=args.preset, budget=args.budget, text=args.text,
+                          val_text=args.val_text, dataset=args.dataset,
+                          vocab_size=args.vocab_size)
+    print(f"created {path} on branch {ws.branch} (preset {ws.settings.preset}, "
+          f"budget {ws.settings.budget:g}s)")
+    return ws
 
-    prepare_data(ws.settings)  # a bad corpus fails here, clearly, before any experiment
+
+def cmd_loop(args) -> int:
+    from pathlib import Path
+
+    from . import loop
+    from .plots import save_progress_chart
+    from .workspace import Workspace
+
+    path = Path(args.workspace)
+    agent = make_cli_agent(args)  # first: a missing key or edits file must not leave a workspace behind
+    ws = open_or_create(args)
+    if ws.is_task:
+        bar = LiveBar(ws.task.timeout, task=True)
+    else:
+        from .data import prepare as prepare_data
+
+        prepare_data(ws.settings)  # a bad corpus fails here, clearly, before any experiment
+        bar = LiveBar(ws.settings.budget, task=False)
+    metric = ws.metric
+
     def on_event(e):
-        if e.kind == "decision":
-            print(experiment_line(e.data["experiment"]), flush=True)
+        if e.kind == "experiment":
+            bar.start(e.index)
+        elif e.kind == "progress":
+            bar.progress(e.data["progress"])
+        elif e.kind == "decision":
+            bar.close()
+            print(experiment_line(e.data["experiment"], metric), flush=True)
         elif e.kind == "waiting":
             print(f"the agent failed to propose {e.data['failures']} times in a row "
                   f"({e.data['reason'][:120]}); trying again in {e.data['seconds']:g} s", flush=True)
@@ -129,10 +203,13 @@ def cmd_loop(args) -> int:
         loop.run(ws, agent, max_experiments=args.max_experiments, on_event=on_event,
                  noise_runs=args.noise_runs, z=args.z)
     except KeyboardInterrupt:
+        bar.close()
         Workspace.open(path)  # undo the unfinished experiment
         print("\nstopped: run the same command again to resume")
         return 130
-    chart = save_progress_chart(ws.results(), path / "progress.png")
+    finally:
+        bar.close()
+    chart = save_progress_chart(ws.results(), path / "progress.png", ws.metric, ws.direction)
     print(f"results: {ws.results_path}\nchart:   {chart}")
     return 0
 
@@ -147,11 +224,26 @@ def cmd_report(args) -> None:
     rows = ws.results()
     if not rows:
         raise ValueError(f"{ws.results_path} has no experiments yet: run the loop first.")
-    s = summary(rows)
-    out = save_progress_chart(rows, args.out or Path(args.workspace) / "progress.png")
+    s = summary(rows, ws.metric, ws.direction)
+    out = save_progress_chart(rows, args.out or Path(args.workspace) / "progress.png",
+                              ws.metric, ws.direction)
+    better = "higher" if ws.direction == "maximize" else "lower"
     print(f"{s['experiments']} experiments, {s['kept']} kept, {s['crashed']} crashed | "
-          f"baseline {s['baseline']:.6f} -> best {s['best']:.6f} "
-          f"({s['improvement']:+.6f}) | chart: {out}")
+          f"{ws.metric} ({better} is better): baseline {s['baseline']:.6f} -> best "
+          f"{s['best']:.6f} ({s['improvement']:+.6f} better) | chart: {out}")
+
+
+def cmd_tasks(args) -> None:
+    """List the tasks the loop can run: GPT training and the shipped examples."""
+    from . import tasks
+
+    print(f"{'gpt':<12} GPT training: edit train.py, minimize val_bpb (the default)")
+    for name in tasks.examples():
+        task = tasks.load_task(name)
+        print(f"{name:<12} edit {', '.join(task.editable)}, {task.direction} {task.metric} "
+              f"(runs `{task.command}`, at most {task.timeout:g}s)")
+    print(f"\nrun one: python -m autoresearch_lib loop --workspace runs/mine --task NAME "
+          f"(or --task path/to/your/folder, with a task.toml; see {tasks.examples_dir()}/README.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", required=True, help="the workspace folder (made if missing)")
     add_data_args(p)
     p.add_argument("--budget", type=float, help="training seconds per experiment")
+    p.add_argument("--task", help="what to research: gpt (default), a shipped task "
+                   "(see the `tasks` command) or a task folder with a task.toml")
     p.add_argument("--agent", default="offline", choices=["offline", "openai", "scripted"])
     p.add_argument("--max-experiments", type=int, help="stop after this many (default: never)")
     p.add_argument("--model", help="openai agent: model name (or $OPENAI_MODEL)")
@@ -198,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", required=True)
     p.add_argument("--out", help="PNG path (default: WORKSPACE/progress.png)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("tasks", help="list the tasks the loop can run (--task NAME)")
+    p.set_defaults(func=cmd_tasks)
     return parser
 
 

@@ -31,6 +31,11 @@ See Workspace.hold and pins.py.
 Noise-aware mode (`noise_runs=k`): the baseline is trained k times to estimate the run-to-run
 spread σ of val_bpb; afterwards a change is kept only if it beats the best by more than z·σ,
 and an apparent win is confirmed by one re-run (the two are averaged).
+
+Any task. The same loop runs a workspace made for another task (`Workspace.create(path,
+task="fit-curve")`, tasks.py): each experiment commits the task's editable file(s), runs them
+with `tasks.run_task`, and judges the task's metric in its direction ("better" is lower, or
+higher for a task that maximizes; the noise margin z·σ follows it). Everything else is as above.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from .config import quick_mode
 from .records import write_atomic
 from .redact import redact
 from .runner import TrainResult, run_training
+from .tasks import run_task
 from .workspace import Workspace, one_line, storage_error
 
 log = logging.getLogger(__name__)
@@ -88,7 +94,7 @@ class Experiment:
     commit: str
     description: str
     status: str  # keep, discard, crash — or "stopped" (not recorded: the user stopped it)
-    val_bpb: float | None = None
+    val_bpb: float | None = None  # the metric: val_bpb for GPT, else the task's (e.g. mse)
     best_before: float | None = None
     reason: str = ""
     diff: str = ""
@@ -96,20 +102,28 @@ class Experiment:
     seconds: float = 0.0
 
 
-def noise_sigma(rows: list[dict]) -> float:
-    """Run-to-run spread of val_bpb, from the baseline's repeated runs (0 if there are none)."""
-    runs = [r for r in rows if str(r.get("description", "")).startswith(NOISE_PREFIX) and r["val_bpb"]]
-    values = [r["val_bpb"] for r in runs if r["status"] == "discard"]
-    kept = [r["val_bpb"] for r in runs if r["status"] == "keep"]
+def noise_sigma(rows: list[dict], metric: str = "val_bpb") -> float:
+    """Run-to-run spread of the metric, from the baseline's repeated runs (0 if there are none)."""
+    runs = [r for r in rows if str(r.get("description", "")).startswith(NOISE_PREFIX) and r[metric]]
+    values = [r[metric] for r in runs if r["status"] == "discard"]
+    kept = [r[metric] for r in runs if r["status"] == "keep"]
     if kept:  # the keep row holds the mean of all the runs: recover the last run's own value
         values.append(len(runs) * kept[0] - sum(values))
     return statistics.stdev(values) if len(values) >= 2 else 0.0
 
 
+def beats(value: float, best: float, direction: str = "minimize", margin: float = 0.0) -> bool:
+    """Does `value` beat `best` by more than `margin`? Lower is better, or higher to maximize."""
+    return value > best + margin if direction == "maximize" else value < best - margin
+
+
 def step(ws: Workspace, agent, on_event: Callable[[Event], None] | None = None,
          stop: threading.Event | None = None, noise_runs: int = 0, z: float = 2.0,
-         executor=run_training) -> Experiment:
-    """Run exactly one experiment (the baseline if none ran yet) and record it."""
+         executor=None) -> Experiment:
+    """Run exactly one experiment (the baseline if none ran yet) and record it.
+
+    `executor` runs one experiment: for GPT `run_training(train_py, settings, run_dir, ...)`
+    (the default), for a task workspace `run_task(task, files, run_dir, ...)` (the default)."""
     with _holding(ws):
         _check_pins(ws)
         return _step(ws, agent, on_event or (lambda e: None), stop, noise_runs, z, executor)
@@ -117,7 +131,7 @@ def step(ws: Workspace, agent, on_event: Callable[[Event], None] | None = None,
 
 def run(ws: Workspace, agent, max_experiments: int | None = None,
         stop: threading.Event | None = None, on_event: Callable[[Event], None] | None = None,
-        noise_runs: int = 0, z: float = 2.0, executor=run_training) -> list[Experiment]:
+        noise_runs: int = 0, z: float = 2.0, executor=None) -> list[Experiment]:
     """Run experiments until `max_experiments` are done (None: forever) or `stop` is set."""
     emit = on_event or (lambda e: None)
     done: list[Experiment] = []
@@ -192,21 +206,22 @@ def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
         return _agent_error(ws, index, emit, best, agent, t0, e)
     if stop is not None and stop.is_set():
         return _stopped(ws, index, emit, best, proposal.description)
-    commit = ws.commit(proposal.description, proposal.train_py)
+    commit = ws.commit(proposal.description, proposal.files)
     emit(Event("proposal", index, {"description": proposal.description, "diff": proposal.diff,
                                    "commit": commit, "usage": proposal.usage}))
     result = _train(ws, index, emit, stop, executor)
     if result.status == "stopped":
         return _stopped(ws, index, emit, best, proposal.description)
-    sigma = noise_sigma(rows)
-    val = result.val_bpb
-    if result.ok and sigma and val < best[1] - z * sigma:  # an apparent win: confirm it once
+    sigma, direction = noise_sigma(rows, ws.metric), ws.direction
+    val = _value(ws, result)
+    if result.ok and sigma and beats(val, best[1], direction, z * sigma):  # confirm a win once
         again = _train(ws, index, emit, stop, executor)
         if again.status == "stopped":
             return _stopped(ws, index, emit, best, proposal.description)
         # a crash of the re-run is the experiment's crash (not a discard with val_bpb inf)
-        result, val = (result, (val + again.val_bpb) / 2) if again.ok else (again, None)
-    status = "crash" if not result.ok else "keep" if val < best[1] - z * sigma else "discard"
+        result, val = (result, (val + _value(ws, again)) / 2) if again.ok else (again, None)
+    status = ("crash" if not result.ok else "keep" if beats(val, best[1], direction, z * sigma)
+              else "discard")
     exp = Experiment(index, commit, proposal.description, status,
                      val if result.ok else None, best[1], result.reason, proposal.diff, result,
                      time.time() - t0)
@@ -237,14 +252,15 @@ def _usable(proposal) -> Proposal:
     """The agent's proposal with a clean one-line description, or ProposalError saying why not."""
     if not isinstance(proposal, Proposal):
         raise ProposalError(f"the agent returned {type(proposal).__name__}, not a Proposal")
-    if not isinstance(proposal.train_py, str):
-        raise ProposalError(f"the agent's proposal holds train.py as "
-                            f"{type(proposal.train_py).__name__}, not text")
-    try:
-        proposal.train_py.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ProposalError(f"the new train.py is not valid text ({e.reason} at character "
-                            f"{e.start}): it can't be saved") from None
+    for name, text in proposal.files.items():
+        if not isinstance(text, str):
+            raise ProposalError(f"the agent's proposal holds {name} as "
+                                f"{type(text).__name__}, not text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ProposalError(f"the new {name} is not valid text ({e.reason} at character "
+                                f"{e.start}): it can't be saved") from None
     proposal.description = redact(" ".join(one_line(str(proposal.description)).split())) or "experiment"
     if not isinstance(proposal.usage, dict):
         proposal.usage = {}
@@ -285,9 +301,9 @@ def _baseline(ws, index, emit, stop, executor, noise_runs, noise_done, t0) -> Ex
         return _stopped(ws, index, emit, None, desc)
     last = noise_done + 1 >= repeats
     status = "crash" if not result.ok else "keep" if last else "discard"
-    val = result.val_bpb
+    val = _value(ws, result)
     if result.ok and repeats > 1 and last:  # keep the mean of all the baseline's runs
-        earlier = [r["val_bpb"] for r in ws.results() if str(r["description"]).startswith(NOISE_PREFIX)]
+        earlier = [r[ws.metric] for r in ws.results() if str(r["description"]).startswith(NOISE_PREFIX)]
         val = statistics.mean(earlier + [val])
     exp = Experiment(index, commit, desc, status, val if result.ok else None, None,
                      result.reason, "", result, time.time() - t0)
@@ -300,14 +316,26 @@ def _state(ws, rows, best, index) -> State:
         log = ws.log_path(len(rows) - 1)
         last_crash = log.read_text(errors="replace")[-3000:] if log.exists() else rows[-1]["reason"]
         last_crash = redact(last_crash)  # an LLM agent sends it to its server
+    info = ws.task_info
     return State(program=ws.program, train_py=ws.train_py, results=rows, best_val_bpb=best[1],
-                 last_crash_log=last_crash, experiment=index)
+                 last_crash_log=last_crash, experiment=index, task=info["name"],
+                 metric=info["metric"], direction=info["direction"], files=ws.files())
+
+
+def _value(ws, result: TrainResult) -> float | None:
+    """The number an experiment is judged by: val_bpb for GPT, the task's metric otherwise."""
+    return result.metric if ws.is_task else result.val_bpb
 
 
 def _train(ws, index, emit, stop, executor) -> TrainResult:
-    settings = ws.settings
-    settings.checkpoint = None  # experiments are judged by their number, not kept as models
-    result = executor(ws.train_py, settings, ws.path / "runs" / f"{index:04d}",
+    if ws.is_task:  # the task's editable files, run by its command (tasks.run_task)
+        first, second = ws.task, ws.files()
+        executor = executor or run_task
+    else:
+        first, second = ws.train_py, ws.settings
+        second.checkpoint = None  # experiments are judged by their number, not kept as models
+        executor = executor or run_training
+    result = executor(first, second, ws.path / "runs" / f"{index:04d}",
                       on_progress=lambda p: emit(Event("progress", index, {"progress": p})),
                       on_line=lambda line: emit(Event("line", index, {"line": redact(line)})), stop=stop,
                       log_path=ws.log_path(index))  # where the workspace keeps it, out of the run's reach
@@ -336,7 +364,7 @@ def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
     r = exp.result
     usage = proposal.usage if proposal else {}
     ws.append_result({
-        "commit": exp.commit, "val_bpb": exp.val_bpb or 0.0,
+        "commit": exp.commit, ws.metric: exp.val_bpb or 0.0,
         "memory_gb": r.memory_gb if r and exp.status != "crash" else 0.0,
         "status": exp.status, "description": exp.description,
         "seconds": exp.seconds, "steps": r.num_steps if r else 0,
@@ -351,7 +379,7 @@ def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
         ws.reset_to(best[0])
     elif tampered and best is None:  # the baseline's own run moved HEAD: back to the baseline
         ws.reset_to(exp.commit)
-    emit(Event("decision", index, {"status": exp.status, "val_bpb": exp.val_bpb,
+    emit(Event("decision", index, {"status": exp.status, "val_bpb": exp.val_bpb, "metric": ws.metric,
                                    "best": best[1] if best else None, "commit": exp.commit,
                                    "description": exp.description, "reason": exp.reason,
                                    "experiment": exp}))

@@ -1,4 +1,9 @@
-"""Plots: the research progress chart (upstream's style) and training loss curves."""
+"""Plots: the research progress chart (upstream's style) and training loss curves.
+
+The chart works for any task: `metric` names results.tsv's second column (by default the one
+the rows have: val_bpb for GPT), and `direction` says which way is better, so the running best
+goes down when minimizing and up when maximizing.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +13,53 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 
-def summary(rows: list[dict]) -> dict:
-    """Counts and the best result of a run's results.tsv rows."""
+def metric_of(rows: list[dict]) -> str:
+    """The metric the rows hold: results.tsv's second column (val_bpb for GPT training)."""
+    return list(rows[0])[1] if rows else "val_bpb"
+
+
+def summary(rows: list[dict], metric: str | None = None, direction: str = "minimize") -> dict:
+    """Counts and the best result of a run's results.tsv rows (improvement > 0: it got better)."""
+    metric = metric or metric_of(rows)
     kept = [r for r in rows if r["status"] == "keep"]
     ok = [r for r in rows if r["status"] != "crash"]
-    best = min((r["val_bpb"] for r in kept), default=None)
-    first = kept[0]["val_bpb"] if kept else None
+    pick = max if direction == "maximize" else min
+    best = pick((r[metric] for r in kept), default=None)
+    first = kept[0][metric] if kept else None
+    gain = (best - first if direction == "maximize" else first - best) if kept else 0.0
     return {"experiments": len(rows), "kept": len(kept), "crashed": len(rows) - len(ok),
             "keep_rate": len(kept) / len(rows) if rows else 0.0, "baseline": first, "best": best,
-            "improvement": (first - best) if kept else 0.0}
+            "improvement": gain}
+
+
+def axis_label(metric: str, direction: str = "minimize") -> str:
+    """The y-axis label: what the number is, and which way is better."""
+    what = "validation bits per byte" if metric == "val_bpb" else metric
+    return f"{what} ({'higher' if direction == 'maximize' else 'lower'} is better)"
 
 
 def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: str = "#2ca02c",
-                   annotate: bool = True):
+                   annotate: bool = True, metric: str | None = None, direction: str = "minimize"):
     """Discarded experiments as grey dots, kept ones as green dots, the running best as a step line.
 
-    Crashes are left out (their val_bpb is 0). Pass `ax` and `label` to draw two runs on one chart.
+    Crashes are left out (their metric is 0). Pass `ax` and `label` to draw two runs on one chart.
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 5))
+    metric = metric or metric_of(rows)
     xs = [i for i, r in enumerate(rows) if r["status"] != "crash"]
-    disc = [(i, rows[i]["val_bpb"]) for i in xs if rows[i]["status"] == "discard"]
-    kept = [(i, rows[i]["val_bpb"]) for i in xs if rows[i]["status"] == "keep"]
+    disc = [(i, rows[i][metric]) for i in xs if rows[i]["status"] == "discard"]
+    kept = [(i, rows[i][metric]) for i in xs if rows[i]["status"] == "keep"]
     if disc:
         ax.scatter(*zip(*disc), c="#bbbbbb", s=18, alpha=0.8, zorder=2,
                    label=None if label else "discarded")
     if kept:
         ax.scatter(*zip(*kept), c=color, s=50, edgecolors="black", linewidths=0.5, zorder=4,
                    label=f"{label} (kept)" if label else "kept")
-        steps_x, steps_y, best = [], [], float("inf")
+        pick = max if direction == "maximize" else min
+        steps_x, steps_y, best = [], [], kept[0][1]
         for i, v in kept:
-            best = min(best, v)
+            best = pick(best, v)
             steps_x.append(i)
             steps_y.append(best)
         steps_x.append(max(xs))
@@ -49,9 +70,9 @@ def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: s
             for i, v in kept[1:]:
                 ax.annotate(str(rows[i]["description"])[:40], (i, v), fontsize=7, rotation=20,
                             xytext=(4, 4), textcoords="offset points", color="#333333")
-    s = summary(rows)
+    s = summary(rows, metric, direction)
     ax.set_xlabel("experiment #")
-    ax.set_ylabel("validation bits per byte (lower is better)")
+    ax.set_ylabel(axis_label(metric, direction))
     ax.set_title(f"Autoresearch progress: {s['experiments']} experiments, "
                  f"{max(0, s['kept'] - 1)} kept improvements")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -60,10 +81,11 @@ def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: s
     return ax
 
 
-def save_progress_chart(rows: list[dict], path: str | Path) -> Path:
+def save_progress_chart(rows: list[dict], path: str | Path, metric: str | None = None,
+                        direction: str = "minimize") -> Path:
     """Draw the progress chart and write it to a PNG."""
     fig, ax = plt.subplots(figsize=(10, 5))
-    progress_chart(rows, ax=ax)
+    progress_chart(rows, ax=ax, metric=metric, direction=direction)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

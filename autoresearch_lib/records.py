@@ -1,10 +1,12 @@
 """results.tsv, row by row: its columns, its text format, and the signature on every row.
 
 Upstream's five columns come first, so tools written for karpathy/autoresearch read our file;
-the extra columns follow. The last one, `sig`, is an HMAC-SHA256 of the row under a key that
-only the workspace's loop uses (`.git/autoresearch/key`, made with the workspace). A training
-script runs as the same user as the loop and could append a line claiming `keep 0.1`; without
-the key it can't sign it, so the line is refused. The signature also covers the header and the
+the extra columns follow. The second column is the metric: `val_bpb` for GPT training, the
+task's own metric (`mse`, `accuracy`, ...) for any other task (`columns_for`). The last
+column, `sig`, is an HMAC-SHA256 of the row under a key that only the workspace's loop uses
+(`.git/autoresearch/key`, made with the workspace). A training script runs as the same user as
+the loop and could append a line claiming `keep 0.1`; without the key it can't sign it, so the
+line is refused. The signature also covers the header and the
 row's number, so a genuine row copied to another place, or moved under renamed columns, fails.
 
 Two readers: `read_results` reads any results.tsv as it is (upstream's too, for analysis);
@@ -33,6 +35,7 @@ UPSTREAM_COLUMNS = RESULTS_COLUMNS[:5]  # what karpathy/autoresearch writes and 
 HEADER = "\t".join(RESULTS_COLUMNS) + "\n"
 STATUSES = ("keep", "discard", "crash")
 MAX_REJECTED = 1000  # lines kept in results.rejected.tsv per rejection
+METRIC_FORMAT = "{:.6g}"  # a task's metric (val_bpb keeps upstream's {:.6f})
 
 _INTS = {"steps", "prompt_tokens", "completion_tokens"}
 _FLOATS = {"val_bpb", "memory_gb", "seconds", "tokens_M", "tok_per_sec", "params_M",
@@ -46,12 +49,29 @@ class ResultsError(ValueError):
     """A line of results.tsv can't be read or trusted; the message names the file and the line."""
 
 
+def columns_for(metric: str = "val_bpb") -> list[str]:
+    """results.tsv's columns for a task whose metric is `metric`: it names the second column."""
+    if metric != "val_bpb" and metric in RESULTS_COLUMNS:
+        raise ResultsError(f"the metric {metric!r} can't name results.tsv's second column: "
+                           f"{metric!r} is already another of its columns "
+                           f"({', '.join(RESULTS_COLUMNS[2:])}). Rename the metric in task.toml "
+                           f"(and the line the command prints), e.g. \"median_{metric}\".")
+    return [RESULTS_COLUMNS[0], metric, *RESULTS_COLUMNS[2:]]
+
+
+def header_for(metric: str = "val_bpb") -> str:
+    """The header line of results.tsv for a task whose metric is `metric`."""
+    return "\t".join(columns_for(metric)) + "\n"
+
+
 # ---------------------------------------------------------------- one row as text
 
-def _cell(name: str, value) -> str:
-    """One value as results.tsv text."""
+def _cell(name: str, value, metric: bool = False) -> str:
+    """One value as results.tsv text (`metric`: the value of a task's metric column)."""
     if value is None:
         return ""
+    if metric and name != "val_bpb" and isinstance(value, (int, float)):
+        return METRIC_FORMAT.format(value)
     if name in _INTS:
         return str(int(value))
     if name in _FORMATS and isinstance(value, (int, float)):
@@ -72,15 +92,17 @@ def format_row(row: dict, columns: list[str], key: bytes | None = None, number: 
 
     `number` is the row's place in the file (0 for the first row under the header).
     """
-    unknown = set(row) - set(RESULTS_COLUMNS)
+    known = set(RESULTS_COLUMNS) | set(columns)
+    unknown = set(row) - known
     if unknown:
         raise ValueError(f"unknown results fields {sorted(unknown)}; "
-                         f"the columns are {RESULTS_COLUMNS}")
+                         f"the columns are {columns}")
     if row.get("status") not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
     # upstream writes 0.000000 and 0.0 for a crash, which has neither
-    row = {"val_bpb": 0.0, "memory_gb": 0.0, **{k: v for k, v in row.items() if v is not None}}
-    fields = {name: _cell(name, row.get(name)) for name in columns if name != "sig"}
+    row = {columns[1]: 0.0, "memory_gb": 0.0, **{k: v for k, v in row.items() if v is not None}}
+    fields = {name: _cell(name, row.get(name), metric=i == 1)
+              for i, name in enumerate(columns) if name != "sig"}
     return _joined(fields, columns, key, number)
 
 
@@ -91,10 +113,12 @@ def _joined(fields: dict, columns: list[str], key: bytes | None, number: int) ->
     return "\t".join(fields.get(name, "") for name in columns) + "\n"
 
 
-def _parse_value(name: str, text: str):
-    """A results.tsv field as a Python value (raises ValueError for a bad number)."""
-    if name in _INTS or name in _FLOATS:
-        if not text.strip() and name not in ("val_bpb", "memory_gb"):
+def _parse_value(name: str, text: str, metric: bool = False):
+    """A results.tsv field as a Python value (raises ValueError for a bad number).
+
+    `metric`: the field is the second column, the metric, a number whatever its name."""
+    if metric or name in _INTS or name in _FLOATS:
+        if not text.strip() and not metric and name != "memory_gb":
             return None  # an extra column left empty
         return int(text) if name in _INTS else float(text)
     return text
@@ -108,14 +132,20 @@ def parse_line(path: Path, number: int, header: list[str], line: str) -> dict:
         raise ResultsError(f"{where}: expected {len(header)} tab-separated fields "
                            f"({', '.join(header)}) but found {len(fields)}. The line was probably "
                            "edited by hand or cut short; fix or delete it, then try again.")
-    row = dict.fromkeys(RESULTS_COLUMNS)
-    for name, text in zip(header, fields):
+    row = dict.fromkeys(columns_like(header))
+    for i, (name, text) in enumerate(zip(header, fields)):
         try:
-            row[name] = _parse_value(name, text)
+            row[name] = _parse_value(name, text, metric=i == 1)
         except ValueError:
             raise ResultsError(f"{where}: {name} should be a number but is {text!r}; "
                                "fix or delete that line, then try again.") from None
     return row
+
+
+def columns_like(header: list[str]) -> list[str]:
+    """This kit's columns, with the metric of `header` (its second column) in second place."""
+    metric = header[1] if len(header) > 1 else "val_bpb"
+    return [RESULTS_COLUMNS[0], metric, *RESULTS_COLUMNS[2:]]
 
 
 # ---------------------------------------------------------------- a whole file
@@ -130,9 +160,10 @@ def split_lines(path: Path, data: bytes) -> tuple[list[str], list[tuple[int, str
                            "file was damaged or edited with another encoding. Fix or delete that "
                            "line, then try again.") from None
     header = lines[0].split("\t")
-    if header[:5] != UPSTREAM_COLUMNS:
+    if len(header) < 5 or [header[0], *header[2:5]] != [UPSTREAM_COLUMNS[0], *UPSTREAM_COLUMNS[2:]]:
         raise ResultsError(f"{path}, line 1: the header should start with the tab-separated "
-                           f"columns {' '.join(UPSTREAM_COLUMNS)}, but it is {lines[0]!r}.")
+                           f"columns {' '.join(UPSTREAM_COLUMNS)} (the second one named after "
+                           f"the metric), but it is {lines[0]!r}.")
     return header, [(n, line) for n, line in enumerate(lines[1:], start=2) if line.strip()]
 
 
@@ -177,11 +208,12 @@ def unverified_error(path: Path, number: int) -> ResultsError:
         "then resume.")
 
 
-def resigned(header: list[str], lines: list[str], key: bytes) -> bytes:
+def resigned(header: list[str], lines: list[str], key: bytes, metric: str = "val_bpb") -> bytes:
     """results.tsv with our header and `lines` (whose columns are named by `header`) signed again."""
-    out = [HEADER]
+    columns = columns_for(metric)
+    out = [header_for(metric)]
     for number, line in enumerate(lines):
-        out.append(_joined(_fields(header, line), RESULTS_COLUMNS, key, number))
+        out.append(_joined(_fields(header, line), columns, key, number))
     return "".join(out).encode()
 
 
@@ -210,13 +242,13 @@ def reject(path: Path, lines: list[str], why: str) -> None:
     write_atomic(path, kept + new.encode())
 
 
-def repair_results(path: Path) -> str | None:
+def repair_results(path: Path, metric: str = "val_bpb") -> str | None:
     """Make results.tsv whole again: recreate it if missing, drop a half-written last line."""
     data = path.read_bytes() if path.exists() else None
     if data is not None and data.endswith(b"\n"):
         return None
     kept = data[: data.rfind(b"\n") + 1] if data else b""
-    write_atomic(path, kept or HEADER.encode())  # a second kill now can't lose the good rows
+    write_atomic(path, kept or header_for(metric).encode())  # a second kill now can't lose the good rows
     if data is None:
         return f"{path} was missing: started a new one"
     return f"dropped the half-written last line of {path}: {data[len(kept):]!r}"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import os
 import threading
 import time
@@ -37,7 +36,8 @@ from matplotlib.figure import Figure
 from . import data, loop
 from .agents import HumanAgent, Proposal, ProposalError, make_agent
 from .agents.openai_agent import DEFAULT_MODEL
-from .plots import progress_chart, summary
+from .agents.scripted import parse_edits
+from .plots import metric_of, progress_chart, summary
 from .runner import run_training
 from .workspace import Workspace
 
@@ -78,12 +78,13 @@ def results_html(rows: list[dict], last: int = TABLE_ROWS) -> str:
     if not rows:
         return "<i>results.tsv is empty: the first experiment is the unmodified baseline.</i>"
     colours = {"keep": "#11771a", "discard": "#777777", "crash": "#bb1111"}
+    metric = metric_of(rows)  # val_bpb, or a task's metric
     head = "".join(f"<th style='text-align:left; padding:0 6px'>{c}</th>"
-                   for c in ("#", "commit", "val_bpb", "memory_gb", "status", "description"))
+                   for c in ("#", "commit", metric, "memory_gb", "status", "description"))
     body = []
     for i, r in list(enumerate(rows))[-last:]:
         status = f"<b style='color:{colours.get(r['status'], '#000')}'>{r['status']}</b>"
-        cells = [i, r["commit"], f"{r['val_bpb']:.6f}", f"{r['memory_gb']:.1f}", status,
+        cells = [i, r["commit"], f"{r[metric]:.6f}", f"{r['memory_gb']:.1f}", status,
                  html.escape(str(r["description"])[:70])]
         body.append("<tr>" + "".join(f"<td style='padding:0 6px'>{c}</td>" for c in cells) + "</tr>")
     more = f"<i>({len(rows) - last} earlier rows not shown)</i>" if len(rows) > last else ""
@@ -112,7 +113,7 @@ def chart_png(rows: list[dict]) -> bytes:
 class Dashboard:
     """Controls and live views of one workspace's research loop (see the module docstring)."""
 
-    def __init__(self, workspace, agent=None, executor=run_training, max_experiments: int = 10):
+    def __init__(self, workspace, agent=None, executor=None, max_experiments: int = 10):
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         self.given_agent = agent  # offered first in the chooser when given
         self.executor = executor  # what trains one train.py: loop.run's `executor`
@@ -259,7 +260,7 @@ class Dashboard:
     def _work(self, job, agent) -> None:
         message, failed = None, False
         try:
-            if self.executor is run_training:  # a bad corpus fails here, clearly, once
+            if self.executor in (None, run_training):  # a bad corpus fails here, clearly, once
                 self._set_status("preparing the data (cached after the first time)")
                 data.prepare(self.ws.settings, verbose=False)
             job(agent)
@@ -297,9 +298,7 @@ class Dashboard:
             agent = make_agent("openai", model=self.model.value.strip() or None,
                                base_url=self.base_url.value.strip() or None, api_key=key)
         elif choice == "scripted":
-            edits = json.loads(self.edits.value)
-            agent = make_agent("scripted", edits=[tuple(e) if isinstance(e, list) else e
-                                                  for e in edits])
+            agent = make_agent("scripted", edits=parse_edits(self.edits.value))
         else:
             agent = make_agent("offline")
         self._agent = agent

@@ -9,6 +9,16 @@
     logs/          one log per experiment: logs/0000.log, logs/0001.log, ...
     .git/autoresearch/     the key that signs results.tsv's rows, and the pins (see pins.py)
 
+A workspace for another task (`Workspace.create(path, task="fit-curve")`, see tasks.py) has,
+instead of train.py and settings.json:
+
+    solve.py ...   the task's editable file(s): each experiment commits exactly these
+    task/          a pristine copy of the task folder, which the runs use; the loop never edits it
+    task.json      the task's name, metric, direction, editable files and the fingerprint
+                   (sha256) of its fixed files: a judge changed since is refused (`task`)
+
+and results.tsv's second column is named after the task's metric (`mse`, ...).
+
 The folder is a git repository on branch `autoresearch/<tag>`. The branch only advances on
 improvements: an experiment is committed, trained, and undone with `git reset --hard` if it
 did not beat the best. results.tsv is append-only, so it remembers the discarded and crashed
@@ -51,14 +61,16 @@ import contextlib
 import ctypes
 import datetime as dt
 import errno
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
-from . import baseline, config, pins, records
+from . import baseline, config, pins, records, tasks
 from .config import Settings
 from .records import (RESULTS_COLUMNS, STATUSES, UPSTREAM_COLUMNS, ResultsError,  # noqa: F401
                       one_line, read_results)
@@ -72,6 +84,11 @@ except ImportError:  # windows has no flock; see Workspace.lock
 TRACKED = ["train.py", "program.md", "settings.json", ".gitignore"]
 TMP_TRAIN_PY = ".train.py.tmp"  # the new train.py until it is renamed over the old one
 GITIGNORE = "results.tsv\nresults.rejected.tsv\nlogs/\nruns/\n*.pt\n.lock\n"
+TASK_JSON = "task.json"  # a task workspace's task: name, metric, direction, fingerprint
+TASK_DIR = "task"  # ... and the pristine copy of its folder
+# names a task workspace uses itself: an editable file can't be one of them
+RESERVED = {TASK_JSON, TASK_DIR, "program.md", "settings.json", ".gitignore", "results.tsv",
+            "results.rejected.tsv", "logs", "runs", ".lock", ".git"}
 KEY_FILE = ".git/autoresearch/key"  # signs results.tsv's rows; inside .git, so never committed
 PINS_FILE = ".git/autoresearch/pins.json"  # the kit's code and the data scores depend on
 REJECTED = "results.rejected.tsv"
@@ -186,14 +203,19 @@ class Workspace:
 
     @classmethod
     def create(cls, path, preset="auto", budget=None, tag=None, dataset=None, text=None,
-               val_text=None, program=None, **settings_overrides) -> "Workspace":
-        """A new workspace at `path` (missing or empty): baseline committed, results.tsv empty."""
+               val_text=None, program=None, task=None, **settings_overrides) -> "Workspace":
+        """A new workspace at `path` (missing or empty): baseline committed, results.tsv empty.
+
+        `task`: a task folder, a shipped task's name ('fit-curve') or a tasks.Task; None (or
+        'gpt') is GPT training, set up by the other arguments.
+        """
+        if task is not None and str(task) != tasks.GPT:
+            loaded = task if isinstance(task, tasks.Task) else tasks.load_task(task)
+            if not loaded.is_gpt:
+                return cls._create_for_task(path, loaded, tag, program)
         ws = cls(path)
         ws._check_can_create()
-        tag = tag or default_tag()
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", tag):
-            raise WorkspaceError(f"tag {tag!r} can't be part of a git branch name: "
-                                 "use letters, digits, '-' and '_' (like 'nov27' or 'lr-sweep')")
+        tag = _checked_tag(tag)
         # build everything that can fail on a bad argument before touching the disk
         settings = config.make_settings(preset, budget=budget, dataset=dataset,
                                         text=_absolute(text), val_text=_absolute(val_text),
@@ -204,6 +226,42 @@ class Workspace:
         ws._commit_baseline(files, settings)
         records.new_key(ws.path / KEY_FILE)
         ws._save_pins({"kit": pins.kit_digests()})  # the data: before the first experiment
+        return ws
+
+    @classmethod
+    def _create_for_task(cls, path, task: tasks.Task, tag, program) -> "Workspace":
+        """A workspace for a folder task: its editable files at the root, its folder in task/."""
+        ws = cls(path)
+        ws._check_can_create()
+        tag = _checked_tag(tag)
+        try:
+            records.columns_for(task.metric)
+        except ResultsError as e:
+            raise WorkspaceError(f"task {task.name} ({task.folder}): {e}") from None
+        clash = sorted(name for name in task.editable if name.split("/")[0] in RESERVED)
+        if clash:
+            raise WorkspaceError(f"task {task.name}: the editable file(s) {', '.join(clash)} have "
+                                 "names the workspace uses itself; rename them in the task folder "
+                                 "and in task.toml's `editable`.")
+        files = {**task.files(), "program.md": task.program if program is None else
+                 _program_text(program), ".gitignore": GITIGNORE + "__pycache__/\n"}
+        info = {"name": task.name, "metric": task.metric, "direction": task.direction,
+                "editable": list(task.editable), "source": str(task.folder), "fixed": task.fixed}
+        ws._init_repo(f"autoresearch/{tag}")
+        shutil.copytree(task.folder, ws.path / TASK_DIR,
+                        ignore=lambda _, names: [n for n in names if tasks._hidden(n)])
+        for name, content in files.items():
+            target = ws.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content, encoding="utf-8")
+        (ws.path / TASK_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        records.repair_results(ws.results_path, task.metric)  # header-only, its metric second
+        ws.log_dir.mkdir(exist_ok=True)
+        ws._git("add", *files, TASK_JSON, TASK_DIR)
+        ws._git("commit", "-q", "--no-verify", "-m", "baseline")
+        records.new_key(ws.path / KEY_FILE)
+        ws._save_pins({"kit": pins.kit_digests(), "task": task.fixed})
+        ws.task  # the copy must load and match the fingerprint, or nothing was made right
         return ws
 
     @classmethod
@@ -223,6 +281,8 @@ class Workspace:
             warnings.warn(f"workspace opened without checking for repairs: {e}", stacklevel=2)
         except OSError as e:  # a repair could not be written
             raise storage_error(e, ws.path) or e
+        if ws.is_task:
+            ws.task  # a judge changed between sessions is refused here, with what to do
         return ws
 
     def _check_can_create(self) -> None:
@@ -236,7 +296,8 @@ class Workspace:
         if not self.path.is_dir():
             raise WorkspaceError(f"{self.path} is not a workspace: there is no such folder. Check "
                                  f"the path, or make one with Workspace.create({str(self.path)!r}).")
-        missing = [name for name in ("settings.json", ".git") if not (self.path / name).exists()]
+        setup = TASK_JSON if (self.path / TASK_JSON).exists() else "settings.json"
+        missing = [name for name in (setup, ".git") if not (self.path / name).exists()]
         if missing:
             # its own .git matters: inside another repository, git would commit to that one
             raise WorkspaceError(
@@ -268,8 +329,66 @@ class Workspace:
 
     @property
     def settings(self) -> Settings:
-        """The fixed settings this workspace was created with."""
+        """The fixed settings this workspace was created with (GPT training only)."""
+        if self.is_task:
+            raise WorkspaceError(f"{self.path} is a workspace for the task {self.task_info['name']},"
+                                 " not for GPT training: it has no GPT settings (see ws.task).")
         return Settings.from_json(self.path / "settings.json")
+
+    # ------------------------------------------------------------ which task
+
+    @property
+    def is_task(self) -> bool:
+        """True for a workspace made for a folder task (task.json), False for GPT training."""
+        return (self.path / TASK_JSON).is_file()
+
+    @property
+    def task_info(self) -> dict:
+        """task.json: the task's name, metric, direction, editable files and fingerprint."""
+        if not self.is_task:
+            return {"name": tasks.GPT, "metric": "val_bpb", "direction": "minimize",
+                    "editable": ["train.py"]}
+        return json.loads((self.path / TASK_JSON).read_text(encoding="utf-8"))
+
+    @property
+    def metric(self) -> str:
+        """The number experiments are judged by: val_bpb, or the task's metric."""
+        return self.task_info["metric"]
+
+    @property
+    def direction(self) -> str:
+        """'minimize' (lower is better) or 'maximize'."""
+        return self.task_info["direction"]
+
+    @property
+    def editable(self) -> tuple[str, ...]:
+        """The files an agent may change: ('train.py',), or the task's."""
+        return tuple(self.task_info["editable"])
+
+    @property
+    def task(self) -> tasks.Task:
+        """The task the runs use: GPT with this workspace's settings, or task/ as fingerprinted.
+
+        A fixed file of task/ that differs from task.json's fingerprint raises WorkspaceError:
+        scores measured by another judge are not comparable with the earlier ones.
+        """
+        if not self.is_task:
+            return tasks.gpt_task(self.settings)
+        info = self.task_info
+        try:
+            return tasks.Task.load(self.path / TASK_DIR, expect=info["fixed"])
+        except tasks.TaskError as e:
+            raise WorkspaceError(
+                f"{self.path}: the task's fixed files are not the ones this workspace was made "
+                f"with ({e}). Results judged by another scorer or other data are not comparable "
+                f"with the earlier ones, so the loop refuses to go on. Put the originals back "
+                f"(`git -C {self.path} checkout -- {TASK_DIR}`), or start a new workspace with "
+                "the changed task.") from None
+
+    def files(self) -> dict[str, str]:
+        """The current text of each editable file, by name."""
+        return {name: self._editable_path(name).read_text(encoding="utf-8")
+                for name in self.editable}
 
     @property
     def branch(self) -> str:
@@ -277,11 +396,15 @@ class Workspace:
 
     @property
     def train_py(self) -> str:
-        return self._train_py_path().read_text(encoding="utf-8")
+        """train.py (a task: its first editable file)."""
+        return self._editable_path(self.editable[0]).read_text(encoding="utf-8")
 
     def _train_py_path(self) -> Path:
-        """train.py, after checking it is a regular file of this folder (not a link out of it)."""
-        path = self.path / "train.py"
+        return self._editable_path("train.py")
+
+    def _editable_path(self, name: str) -> Path:
+        """An editable file, after checking it is a regular file of this folder (not a link out)."""
+        path = self.path / name
         if path.is_symlink():
             kind = f"a symlink (to {os.readlink(path)})"
         elif path.exists() and not path.is_file():
@@ -290,9 +413,9 @@ class Workspace:
             return path  # a regular file, or missing (commit writes it; open restores it)
         raise WorkspaceError(
             f"{path} is {kind}, not a regular file: the loop only reads and writes the "
-            "workspace's own train.py, never through a link or into another place. Something "
+            f"workspace's own {name}, never through a link or into another place. Something "
             "other than the loop replaced it (a training script can: it runs with your rights). "
-            f"Workspace.open({str(self.path)!r}) puts the committed train.py back.")
+            f"Workspace.open({str(self.path)!r}) puts the committed {name} back.")
 
     @property
     def program(self) -> str:
@@ -317,47 +440,62 @@ class Workspace:
 
     # ------------------------------------------------------------ git: one experiment at a time
 
-    def commit(self, message: str, train_py_text: str) -> str:
-        """Write train.py and commit it (nothing else); returns the short commit id.
+    def commit(self, message: str, texts: str | dict[str, str]) -> str:
+        """Write the editable file(s) and commit them (nothing else); returns the short commit id.
 
-        Either both happen or train.py is left as it was: the new text is written to a temporary
-        file and renamed over train.py (so a full disk can't leave half a file), and put back
-        from HEAD if git then fails.
+        `texts`: the new train.py (or a task's one editable file), or {name: text} for some or
+        all of the editable files. Either all happen or the files are left as they were: each new
+        text is written to a temporary file and renamed over the old one (so a full disk can't
+        leave half a file), and put back from HEAD if git then fails.
         """
-        path = self._train_py_path()
+        texts = {self.editable[0]: texts} if isinstance(texts, str) else dict(texts)
+        unknown = sorted(set(texts) - set(self.editable))
+        if unknown:
+            raise WorkspaceError(f"only {', '.join(self.editable)} may be committed by the loop, "
+                                 f"not {', '.join(unknown)}")
         message = " ".join(one_line(message or "").split()) or "experiment"  # no NUL for git
+        for name in texts:
+            self._editable_path(name)  # a link or a folder in its place: refused, left as it is
         try:
-            data = train_py_text.encode("utf-8")
+            for name, text in texts.items():
+                self._write_editable(name, text)
+            # --allow-empty: an unchanged proposal still gets its own commit and results row;
+            # --no-verify: the user's git hooks have no say in an experiment
+            self._git("commit", "-q", "--no-verify", "--allow-empty", "-m", message, "--",
+                      *self.editable)
+        except WorkspaceError:
+            with contextlib.suppress(WorkspaceError):
+                self._git("checkout", "HEAD", "--", *self.editable)  # as they were before
+            raise
+        return self.head()
+
+    def _write_editable(self, name: str, text: str) -> None:
+        """Replace one editable file by `text`, atomically, never writing through a link."""
+        path = self._editable_path(name)
+        try:
+            data = text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise WorkspaceError(f"the new train.py can't be saved as UTF-8 text: {e}") from None
-        tmp = path.with_name(TMP_TRAIN_PY)
+            raise WorkspaceError(f"the new {name} can't be saved as UTF-8 text: {e}") from None
+        tmp = path.with_name(TMP_TRAIN_PY if name == "train.py" else f".{path.name}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             with open(tmp, "xb") as f:  # "x": a new file, so nothing is written through a link
                 f.write(data)
-            os.replace(tmp, path)  # replaces the name train.py, whatever it pointed to
+            os.replace(tmp, path)  # replaces the name, whatever it pointed to
         except OSError as e:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise storage_error(e, self.path, path) or e
-        try:
-            # --allow-empty: an unchanged proposal still gets its own commit and results row;
-            # --no-verify: the user's git hooks have no say in an experiment
-            self._git("commit", "-q", "--no-verify", "--allow-empty", "-m", message, "--", "train.py")
-        except WorkspaceError:
-            with contextlib.suppress(WorkspaceError):
-                self._git("checkout", "HEAD", "--", "train.py")  # as it was before
-            raise
-        return self.head()
 
     def reset_to(self, commit: str) -> None:
         """Throw away everything after `commit` (the undo of a discarded experiment)."""
         self._git("reset", "-q", "--hard", commit)
 
     def diff(self, a: str, b: str | None = None) -> str:
-        """Unified diff of train.py from commit `a` to commit `b` (or to the file on disk)."""
-        return self._git("diff", a, *([b] if b else []), "--", "train.py")
+        """Unified diff of the editable file(s) from commit `a` to `b` (or to the files on disk)."""
+        return self._git("diff", a, *([b] if b else []), "--", *self.editable)
 
     # ------------------------------------------------------------ results.tsv
 
@@ -368,7 +506,7 @@ class Workspace:
         if self._record is not None:
             self.restore_results()  # a loop appends only to the file it wrote itself
         elif not self.results_path.exists():
-            records.repair_results(self.results_path)  # a deleted file comes back header-only
+            records.repair_results(self.results_path, self.metric)  # back header-only
         number = len(self.results())  # a row is signed with its place: a copy elsewhere fails
         line = records.format_row(row, self._columns(), self._signing_key(), number)
         size = self.results_path.stat().st_size
@@ -401,12 +539,16 @@ class Workspace:
         return len(self.results())
 
     def best(self) -> tuple[str, float] | None:
-        """(commit, val_bpb) of the best kept experiment, or None before the baseline ran."""
+        """(commit, metric) of the best kept experiment, or None before the baseline ran.
+
+        Best: the lowest val_bpb, or the task's metric in its direction (highest to maximize)."""
         kept = [r for r in self.results() if r["status"].strip().lower() == "keep"]
         if not kept:
             return None
-        row = min(kept, key=lambda r: r["val_bpb"])  # ties: the earliest
-        return row["commit"], row["val_bpb"]
+        metric = self.metric
+        pick = max if self.direction == "maximize" else min
+        row = pick(kept, key=lambda r: r[metric])  # ties: the earliest
+        return row["commit"], row[metric]
 
     def restore_results(self, during: str = "the run") -> str | None:
         """Put results.tsv and its key back as this loop left them, if anything else changed them.
@@ -452,15 +594,16 @@ class Workspace:
 
     def _results_bytes(self) -> bytes:
         path = self.results_path
-        return path.read_bytes() if path.exists() else records.HEADER.encode()
+        return path.read_bytes() if path.exists() else records.header_for(self.metric).encode()
 
     def _columns(self) -> list[str]:
         """results.tsv's columns: this kit's, since a workspace's rows are always signed."""
         data = self._record if self._record is not None else self._results_bytes()
         columns = data.split(b"\n", 1)[0].decode("utf-8", "replace").split("\t")
-        if columns != RESULTS_COLUMNS:
+        ours = records.columns_for(self.metric)
+        if columns != ours:
             raise ResultsError(f"{self.results_path}, line 1: the header is not this kit's (its "
-                               f"columns are {' '.join(RESULTS_COLUMNS)}), so rows can't be added "
+                               f"columns are {' '.join(ours)}), so rows can't be added "
                                f"and signed. Workspace.open({str(self.path)!r}) migrates it.")
         return columns
 
@@ -489,7 +632,7 @@ class Workspace:
         with self.lock():
             _undumpable()  # its training runs can't read its environment or memory through /proc
             if not self.results_path.exists():
-                records.repair_results(self.results_path)
+                records.repair_results(self.results_path, self.metric)
             data = self.results_path.read_bytes()
             self._verified(data)
             self._record, self._key = data, self._signing_key()
@@ -575,6 +718,10 @@ class Workspace:
                     "train.py, rewrote it, so the kit and data can't be trusted to be as pinned. "
                     "If they are as you installed them, pin them again: "
                     f"Workspace.open({str(self.path)!r}).repin()")
+        if self.is_task:  # no data to pin: the task's fixed files, pinned when it was made
+            if self._record is not None:
+                self._pins = pinned
+            return pins.kit_problem(pinned["kit"], self.path) or self._task_problem(pinned)
         if "kit" not in pinned or "data" not in pinned:
             pinned = {"kit": pins.kit_digests(), "data": pins.data_pin(self.settings), **pinned}
             self._save_pins(pinned)
@@ -583,6 +730,18 @@ class Workspace:
         return (pins.kit_problem(pinned["kit"], self.path)
                 or pins.data_problem(pinned["data"], self.settings, self.path))
 
+    def _task_problem(self, pinned: dict) -> str | None:
+        """None if task/ and task.json are as pinned when the workspace was made; else why not."""
+        if pinned.get("task") != self.task_info.get("fixed"):
+            return (f"{self.path / TASK_JSON} no longer holds the fingerprint of the task's fixed "
+                    "files that the workspace pinned when it was made: something edited it. Put it "
+                    f"back (`git -C {self.path} checkout -- {TASK_JSON} {TASK_DIR}`), then resume.")
+        try:
+            self.task
+        except WorkspaceError as e:
+            return str(e)
+        return None
+
     def repin(self) -> "Workspace":
         """Pin the kit's code and the evaluation data as they are now; returns the workspace.
 
@@ -590,7 +749,10 @@ class Workspace:
         differ from the pins, since scores measured with other code or data are not comparable.
         """
         with self.lock():
-            self._save_pins({"kit": pins.kit_digests(), "data": pins.data_pin(self.settings)})
+            if self.is_task:  # the task's files stay pinned as task.json records them
+                self._save_pins({"kit": pins.kit_digests(), "task": self.task_info["fixed"]})
+            else:
+                self._save_pins({"kit": pins.kit_digests(), "data": pins.data_pin(self.settings)})
         return self
 
     def _save_pins(self, pinned: dict) -> None:
@@ -607,14 +769,14 @@ class Workspace:
             self._note("removed .git/index.lock left by a git command that was killed")
         with contextlib.suppress(FileNotFoundError):  # left if killed before the rename
             (self.path / TMP_TRAIN_PY).unlink()
-        self._note(records.repair_results(self.results_path))
+        self._note(records.repair_results(self.results_path, self.metric))
         self._note(self._check_rows())
         head = self.head()
         # without results.tsv (a fresh clone) there is no record to judge HEAD by
         target = self._safe_commit() if had_results else head
         reasons = []
-        if self._git("status", "--porcelain", "--", "train.py").strip():
-            reasons.append("train.py had uncommitted edits")
+        if self._git("status", "--porcelain", "--", *self.editable).strip():
+            reasons.append(f"{' or '.join(self.editable)} had uncommitted edits")
         if head != target and head not in self._kept_commits():
             reasons.append(f"HEAD {head} is an experiment with no keep row in results.tsv "
                            "(the loop stopped before recording or undoing it)")
@@ -630,6 +792,7 @@ class Workspace:
         """
         key = records.load_key(self.path / KEY_FILE)
         data = self.results_path.read_bytes()
+        ours = records.columns_for(self.metric)
         header, lines = records.split_lines(self.results_path, data)
         if key is None:  # adopt it: every row it has now is taken as the loop's
             for n, line in lines:
@@ -638,11 +801,11 @@ class Workspace:
             note = (f"signed the {len(lines)} rows of results.tsv with a new workspace key "
                     f"({KEY_FILE}): the workspace had none (it was made before rows were signed, "
                     "or the key was deleted). From now on a row the loop did not write is refused")
-            if not lines and header == RESULTS_COLUMNS:
+            if not lines and header == ours:
                 return None  # nothing to sign yet
         else:
             bad = records.verified_rows(self.results_path, data, key)[1]
-            if not bad and header == RESULTS_COLUMNS:
+            if not bad and header == ours:
                 return None
             note = (f"moved {len(bad)} row(s) the loop did not write (line(s) "
                     f"{', '.join(str(n) for n, _ in bad)} of results.tsv: not signed by the loop) "
@@ -651,7 +814,7 @@ class Workspace:
         self._reject([line for _, line in bad], "not signed by the loop: it did not write this row")
         numbers = {n for n, _ in bad}
         good = [line for n, line in lines if n not in numbers]
-        records.write_atomic(self.results_path, records.resigned(header, good, key))
+        records.write_atomic(self.results_path, records.resigned(header, good, key, self.metric))
         return note
 
     def _safe_commit(self) -> str:
@@ -683,6 +846,15 @@ def _undumpable() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _checked_tag(tag: str | None) -> str:
+    """The run's tag (default: today, 'nov27'), checked: it becomes part of a branch name."""
+    tag = tag or default_tag()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", tag):
+        raise WorkspaceError(f"tag {tag!r} can't be part of a git branch name: "
+                             "use letters, digits, '-' and '_' (like 'nov27' or 'lr-sweep')")
+    return tag
 
 
 def _absolute(path) -> str | None:

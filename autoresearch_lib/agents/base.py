@@ -3,6 +3,9 @@
 Every agent - offline, LLM, scripted or human - answers one question: "given program.md, the
 current train.py and the results so far, what should the next experiment be?" The loop does
 the rest (commit, train, keep or reset), so agents stay small and easy to swap.
+
+The same question is asked for any task (tasks.py): then the state names the task, its metric
+and direction, and holds the text of each editable file (`files`); `train_py` is the first one.
 """
 
 from __future__ import annotations
@@ -25,31 +28,56 @@ class State:
     """What an agent sees before an experiment."""
 
     program: str  # program.md: the human's instructions
-    train_py: str  # the current (best kept) train.py
-    # results.tsv rows so far: commit, val_bpb, memory_gb, status (keep/discard/crash), description
+    train_py: str  # the current (best kept) train.py; for a task, its first editable file
+    # results.tsv rows so far: commit, val_bpb (or the task's metric), memory_gb, status, description
     results: list[dict] = field(default_factory=list)
-    best_val_bpb: float | None = None  # lowest val_bpb kept so far (None before the baseline)
+    best_val_bpb: float | None = None  # the best metric kept so far (None before the baseline)
     last_crash_log: str | None = None  # tail of the last crashed run's log, if the last run crashed
     experiment: int = 0  # index of the experiment about to run (0 is the baseline)
+    task: str = "gpt"  # the task's name ("gpt": GPT training)
+    metric: str = "val_bpb"  # the number experiments are judged by (results.tsv's 2nd column)
+    direction: str = "minimize"  # "minimize" (lower is better) or "maximize"
+    files: dict = field(default_factory=dict)  # editable file -> its current text
+
+    def __post_init__(self):
+        if not self.files:  # GPT, or a caller that gave only train_py: one editable file
+            self.files = {"train.py": self.train_py}
+
+    @property
+    def better(self) -> str:
+        """'lower' or 'higher': which way the metric improves, for messages and prompts."""
+        return "higher" if self.direction == "maximize" else "lower"
 
 
 @dataclass
 class Proposal:
-    """One experiment: a one-line description and the full new train.py."""
+    """One experiment: a one-line description and the full new train.py (or editable files)."""
 
     description: str  # one short line, written to results.tsv
-    train_py: str  # the complete new train.py
+    train_py: str = ""  # the complete new train.py (for a task: its first file, when files is {})
     usage: dict = field(default_factory=dict)  # LLM tokens: prompt_, completion_, total_tokens
     original: str = ""  # the train.py the edit started from, for the diff
+    files: dict = field(default_factory=dict)  # a task's new file texts by name (some or all)
+    originals: dict = field(default_factory=dict)  # ... and the texts they started from
+
+    def __post_init__(self):
+        if not self.files:  # GPT: train.py is the one file
+            self.files = {"train.py": self.train_py}
+            self.originals = self.originals or {"train.py": self.original}
+        elif not self.train_py:
+            self.train_py = next(iter(self.files.values()))
 
     @property
     def diff(self) -> str:
-        """A unified diff of train.py, as `git diff` would show it."""
-        lines = difflib.unified_diff(
-            self.original.splitlines(), self.train_py.splitlines(),
-            fromfile="a/train.py", tofile="b/train.py", lineterm="",
-        )
-        return "\n".join(lines)
+        """A unified diff of the changed file(s), as `git diff` would show it."""
+        parts = []
+        for name, text in self.files.items():
+            old = self.originals.get(name, "")
+            if not (isinstance(text, str) and isinstance(old, str)):
+                continue  # not text: the loop refuses the proposal, there is no diff to show
+            parts += difflib.unified_diff(old.splitlines(), text.splitlines(),
+                                          fromfile=f"a/{name}", tofile=f"b/{name}", lineterm="")
+        return "\n".join(parts)
 
 
 @runtime_checkable

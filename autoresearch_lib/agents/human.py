@@ -36,12 +36,20 @@ class HumanAgent:
         answer = self.callback(state, self._suggestion(state))
         if answer is None:
             raise ProposalError("The proposal was rejected by the instructor.")
+        if isinstance(answer, str) and state.task != "gpt":  # a task: its editable file(s)
+            description, files = apply_reply(answer, state.files)
+            return Proposal(description=description, files=files, originals=dict(state.files))
         if isinstance(answer, str):
             description, train_py = apply_reply(answer, state.train_py)
             return Proposal(description=description, train_py=train_py, original=state.train_py)
         if isinstance(answer, Proposal):
-            return answer if answer.original else Proposal(answer.description, answer.train_py,
-                                                           answer.usage, original=state.train_py)
+            if any(answer.originals.values()):
+                return answer
+            if state.task != "gpt":
+                return Proposal(answer.description, usage=answer.usage, files=answer.files,
+                                originals=dict(state.files))
+            return Proposal(answer.description, answer.train_py, answer.usage,
+                            original=state.train_py)
         raise ProposalError(f"The instructor's callback returned a {type(answer).__name__}; "
                             "it must return a Proposal, a reply string, or None to reject.")
 

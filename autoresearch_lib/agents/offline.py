@@ -2,11 +2,17 @@
 
 No network, no API key. It reads the block of top-level constants (`MATRIX_LR = 0.02`, ...)
 with `ast`, picks one and moves it a little (learning rates x0.5 / x0.7 / x1.4 / x2, depth
-+-1, batch sizes x2 or /2, ratios +-0.1), and rewrites only that line. Because the loop hands
-it the best kept train.py, this is hill-climbing. It reads the results so far to never repeat
-a change that was discarded or crashed, and prefers directions that helped before.
++-1, batch sizes x2 or /2, ratios +-0.1, any other integer +-1, x2 or /2), and rewrites only
+that line. Because the loop hands it the best kept train.py, this is hill-climbing. It reads
+the results so far to never repeat a change that was discarded or crashed, and prefers
+directions that helped before.
 
-Its descriptions are machine-readable, one change per `;`:
+Any task works the same way: the agent turns the UPPERCASE numeric constants of its editable
+Python file(s) (fit-curve's `DEGREE = 16`, `RIDGE = 0.3`, ...). A file without any gets a
+ProposalError saying what to add.
+
+Its descriptions are machine-readable, one change per `;` (with several editable files, each
+name is prefixed by its file, `solve.py:DEGREE 16 -> 8`):
     MATRIX_LR 0.02 -> 0.028
     TOTAL_BATCH_SIZE 2**19 -> 2**18; DEVICE_BATCH_SIZE 128 -> 64
 """
@@ -25,7 +31,9 @@ LR_FACTORS = (0.5, 0.7, 1.4, 2.0)
 WINDOW_PATTERNS = ("L", "SL", "SSL", "SSSL")  # S: short (local) window, L: full context
 RATIOS = ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "WEIGHT_DECAY")  # kept in [0, 1]
 PREFERRED_WEIGHT = 3  # how much likelier a move is if the same direction helped before
-CHANGE = re.compile(r"^([A-Z][A-Z0-9_]*) (.+?) -> (.+)$")
+INT_LIMIT = 10**9  # integers move within [1, INT_LIMIT] (from a positive start)
+SMALL_INT = 8  # up to this, an integer also moves by +-1
+CHANGE = re.compile(r"^((?:[\w./-]+:)?[A-Z][A-Z0-9_]*) (.+?) -> (.+)$")
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
              ast.Div: operator.truediv, ast.Pow: operator.pow}
 
@@ -43,16 +51,16 @@ class Constant:
     end: int
 
 
-def read_constants(train_py: str) -> dict[str, object]:
+def read_constants(train_py: str, name: str = "train.py") -> dict[str, object]:
     """The UPPERCASE top-level constants of train.py, e.g. {"DEPTH": 8, "MATRIX_LR": 0.04}."""
-    return {name: c.value for name, c in _constants(train_py).items()}
+    return {key: c.value for key, c in _constants(train_py, name).items()}
 
 
-def _constants(train_py: str) -> dict[str, Constant]:
+def _constants(train_py: str, name: str = "train.py") -> dict[str, Constant]:
     try:
         tree = ast.parse(train_py)
     except (SyntaxError, ValueError) as err:
-        raise ProposalError(f"train.py is not valid Python ({err}), so its constants cannot be read. "
+        raise ProposalError(f"{name} is not valid Python ({err}), so its constants cannot be read. "
                             "Reset it to the last kept version.") from None
     lines, found = train_py.split("\n"), {}
     for node in tree.body:
@@ -120,13 +128,13 @@ def format_value(value: object, like: str = "") -> str:
     return repr(value)
 
 
-def set_constants(train_py: str, changes: dict[str, object]) -> str:
+def set_constants(train_py: str, changes: dict[str, object], file: str = "train.py") -> str:
     """Return train.py with each NAME's literal replaced by its new value; other lines untouched."""
-    constants, lines = _constants(train_py), train_py.split("\n")
+    constants, lines = _constants(train_py, file), train_py.split("\n")
     for name in changes:
         if name not in constants:
             known = ", ".join(constants) or "none"
-            raise ProposalError(f"train.py has no top-level constant {name} (a one-line "
+            raise ProposalError(f"{file} has no top-level constant {name} (a one-line "
                                 f"`{name} = literal`). Its constants are: {known}.")
     # right to left, so that two constants on one line (A = 1; B = 2) keep valid offsets
     for name in sorted(changes, key=lambda n: (constants[n].line, constants[n].start), reverse=True):
@@ -136,11 +144,11 @@ def set_constants(train_py: str, changes: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def describe(changes: dict[str, object], train_py: str) -> str:
-    """The one-line description, e.g. `MATRIX_LR 0.02 -> 0.028`."""
+def describe(changes: dict[str, object], train_py: str, prefix: str = "") -> str:
+    """The one-line description, e.g. `MATRIX_LR 0.02 -> 0.028` (`prefix`: 'solve.py:')."""
     constants = _constants(train_py)
-    return "; ".join(f"{name} {constants[name].text} -> {format_value(value, constants[name].text)}"
-                     for name, value in changes.items())
+    return "; ".join(f"{prefix}{name} {constants[name].text} -> "
+                     f"{format_value(value, constants[name].text)}" for name, value in changes.items())
 
 
 def parse_description(description: str) -> list[tuple[str, object, object]]:
@@ -202,7 +210,24 @@ def _moves_for(name: str, value: object) -> list:
         return _stepped(value, (-0.1, 0.1), 0.0, 1.0)
     if isinstance(value, float):  # learning rates and any other float knob
         return _scaled(value, LR_FACTORS, 1e-6, 10.0)
+    if isinstance(value, int) and not isinstance(value, bool):  # counts, sizes, degrees
+        return _int_moves(value)
     return []
+
+
+def _int_moves(value: int) -> list[int]:
+    """An integer knob: x2 and /2, and +-1 for small ones (300 steps -> 301 would waste a run),
+    staying positive (and below INT_LIMIT) if it was."""
+    if value <= 0:
+        return [value - 1, value + 1] if value < 0 else [1]
+    moves = ([value - 1, value + 1] if value <= SMALL_INT else []) + [value * 2, value // 2]
+    return list(dict.fromkeys(v for v in moves if 1 <= v <= INT_LIMIT and v != value))
+
+
+def numeric(constants: dict[str, object]) -> list[str]:
+    """The names of the constants that are numbers: the knobs the offline agent can turn."""
+    return [name for name, value in constants.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
 def candidate_changes(constants: dict[str, object]) -> list[dict]:
@@ -254,22 +279,45 @@ class OfflineAgent:
 
     def propose(self, state: State) -> Proposal:
         """One change to one constant (or to both batch sizes together)."""
-        constants = read_constants(state.train_py)
+        files = {name: text for name, text in state.files.items() if name.endswith(".py")}
+        prefix = len(state.files) > 1  # several files: names in descriptions say which file
         tried, helped = read_history(state.results)
-        fresh = [c for c in candidate_changes(constants)
-                 if not any(_key(name, value) in tried for name, value in c.items())]
+        fresh, weights, count = [], [], 0  # count: the constants seen, for the messages
+        for file, text in files.items():
+            constants, label = read_constants(text, file), f"{file}:" if prefix else ""
+            count += len(constants)
+            for c in candidate_changes(constants):
+                if not any(_key(label + name, value) in tried for name, value in c.items()):
+                    fresh.append((file, c))
+                    weights.append(PREFERRED_WEIGHT if self._helped(c, constants, helped, label) else 1)
         if not fresh:
-            raise ProposalError(f"The offline agent has run out of new changes: every nearby value "
-                                f"of the {len(constants)} constants in train.py was already tried. "
-                                "Stop the loop, or go on with an LLM agent (make_agent('openai')).")
-        weights = [PREFERRED_WEIGHT if self._helped(c, constants, helped) else 1 for c in fresh]
+            raise ProposalError(self._stuck(state, files, count))
         # seeded by (seed, experiment, rows): the same state always gives the same proposal
         rng = random.Random(f"{self.seed}:{state.experiment}:{len(state.results)}")
-        changes = rng.choices(fresh, weights)[0]
-        return Proposal(description=describe(changes, state.train_py),
-                        train_py=set_constants(state.train_py, changes), original=state.train_py)
+        file, changes = rng.choices(fresh, weights)[0]
+        text = files[file]
+        description = describe(changes, text, f"{file}:" if prefix else "")
+        new = set_constants(text, changes, file)
+        if state.task == "gpt":
+            return Proposal(description=description, train_py=new, original=state.train_py)
+        return Proposal(description=description, files={**state.files, file: new},
+                        originals=dict(state.files))
 
     @staticmethod
-    def _helped(changes: dict, constants: dict, helped: set) -> bool:
+    def _helped(changes: dict, constants: dict, helped: set, label: str = "") -> bool:
         name, new = next(iter(changes.items()))  # the first name is the move's main knob
-        return _direction(name, constants[name], new) in helped
+        return _direction(label + name, constants[name], new) in helped
+
+    @staticmethod
+    def _stuck(state: State, files: dict, count: int) -> str:
+        """Why there is no proposal: no knobs at all (say what to add), or all of them tried."""
+        names = " and ".join(state.files)
+        if not any(numeric(read_constants(text, file)) for file, text in files.items()):
+            return (f"The offline agent has nothing to change: {names} has no UPPERCASE numeric "
+                    "constants. It tunes one-line top-level constants such as `LEARNING_RATE = "
+                    "0.01` or `STEPS = 300`: put the knobs you want tuned at the top of "
+                    f"{names} (and use them in its code), or use an LLM agent (--agent openai), "
+                    "which can edit any code.")
+        return (f"The offline agent has run out of new changes: every nearby value "
+                f"of the {count} constants in {names} was already tried. "
+                "Stop the loop, or go on with an LLM agent (make_agent('openai')).")

@@ -8,6 +8,9 @@ One proposal is a short conversation: the rules, program.md, train.py and the re
 out; a reply comes back and goes through `edits.apply_reply`. If it cannot be applied, the
 error goes back to the model, which gets `max_attempts` tries in all. Network trouble (429,
 5xx, timeouts) is retried by the `openai` client itself, with backoff, `max_retries` times.
+
+For another task (tasks.py) the prompt is built from the task: its program.md, its editable
+files by name, its metric and direction, and the results with the metric's column name.
 """
 
 from __future__ import annotations
@@ -53,6 +56,44 @@ or the complete new train.py in a single ```python block. Each SEARCH section mu
 exactly one place in train.py. Prefer SEARCH/REPLACE blocks for small changes."""
 
 
+TASK_SYSTEM_PROMPT = """\
+You are an autonomous researcher. You improve a program on the task "{task}" by editing \
+{files}. Each experiment runs the task's fixed scorer on your version, which measures \
+{metric}: {better} is better. If your change makes the best {metric} so far {better_word} it \
+is kept; otherwise it is reverted. Crashes (errors, wrong answers, running past the time limit) \
+are reverted too.
+
+Rules:
+- Edit only {files}. Everything else (the scorer, the data, the task's settings) is fixed; \
+an edit of any other file is refused.
+- Make one focused change per experiment, so its effect can be measured.
+- Follow the rules in program.md.
+
+Reply format: first a one-line description of the change (it goes in the results table), \
+then one or more SEARCH/REPLACE blocks, each after a line naming its file:
+
+{example}
+<<<<<<< SEARCH
+(lines copied exactly from the current {example})
+=======
+(the new lines)
+>>>>>>> REPLACE
+
+{whole}Each SEARCH section must match exactly one place in its file."""
+
+
+def system_prompt(state: State) -> str:
+    """The rules: GPT's own prompt, or one built from the task."""
+    if state.task == "gpt":
+        return SYSTEM_PROMPT
+    names = list(state.files)
+    whole = ("Or send the complete new file in a single ```python block after a line naming "
+             "it. " if len(names) == 1 else "")
+    return TASK_SYSTEM_PROMPT.format(
+        task=state.task, files=" and ".join(names), metric=state.metric, better=state.better,
+        better_word=state.better, example=names[0], whole=whole)
+
+
 class OpenAIAgent:
     """Proposes edits with an LLM behind an OpenAI-compatible chat-completions API."""
 
@@ -82,12 +123,16 @@ class OpenAIAgent:
 
     def propose(self, state: State) -> Proposal:
         """Ask the model, feeding back each unusable reply, up to max_attempts times."""
-        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+        messages = [{"role": "system", "content": system_prompt(state)},
                     {"role": "user", "content": build_prompt(state)}]
         usage: dict = {}
         for attempt in range(1, self.max_attempts + 1):
             reply = self._ask(messages, usage)
             try:
+                if state.task != "gpt":
+                    description, files = apply_reply(reply, state.files)
+                    return Proposal(description, usage=usage, files=files,
+                                    originals=dict(state.files))
                 description, train_py = apply_reply(reply, state.train_py)
                 return Proposal(description, train_py, usage=usage, original=state.train_py)
             except EditError as err:
@@ -130,25 +175,33 @@ class OpenAIAgent:
 
 
 def build_prompt(state: State) -> str:
-    """The user message: program.md, the current train.py, the results, the last crash."""
-    parts = [f"# program.md (the human's instructions)\n\n{state.program.strip()}",
-             f"# train.py (the current best version)\n\n```python\n{state.train_py.rstrip()}\n```",
-             f"# Results so far (results.tsv)\n\n{results_table(state.results)}"]
+    """The user message: program.md, the current editable file(s), the results, the last crash."""
+    parts = [f"# program.md (the human's instructions)\n\n{state.program.strip()}"]
+    for name, text in state.files.items():
+        language = "python" if name.endswith(".py") else ""
+        parts.append(f"# {name} (the current best version)\n\n```{language}\n{text.rstrip()}\n```")
+    parts.append(f"# Results so far (results.tsv)\n\n{results_table(state.results, state.metric)}")
     if state.last_crash_log:
         parts.append(f"# The last experiment crashed; the end of its log\n\n```\n"
                      f"{state.last_crash_log[-CRASH_TAIL_CHARS:].rstrip()}\n```")
-    best = "none yet" if state.best_val_bpb is None else f"{state.best_val_bpb:.6f}"
-    parts.append(f"Propose experiment {state.experiment}. The best val_bpb so far is {best}.")
+    best = "none yet" if state.best_val_bpb is None else _cell(state.metric, state.best_val_bpb)
+    if state.task == "gpt":
+        parts.append(f"Propose experiment {state.experiment}. The best val_bpb so far is {best}.")
+    else:
+        parts.append(f"Propose experiment {state.experiment}. The best {state.metric} so far is "
+                     f"{best} ({state.better} is better).")
     return "\n\n".join(parts)
 
 
-def results_table(results: list[dict]) -> str:
-    """The most recent results as tab-separated lines, header first."""
+def results_table(results: list[dict], metric: str = "val_bpb") -> str:
+    """The most recent results as tab-separated lines, header first (upstream's five columns,
+    the second named after the metric)."""
     if not results:
         return "(no experiments yet)"
-    lines = ["\t".join(RESULT_COLUMNS)]
+    columns = (RESULT_COLUMNS[0], metric, *RESULT_COLUMNS[2:])
+    lines = ["\t".join(columns)]
     for row in results[-MAX_RESULT_ROWS:]:
-        lines.append("\t".join(_cell(column, row.get(column, "")) for column in RESULT_COLUMNS))
+        lines.append("\t".join(_cell(column, row.get(column, "")) for column in columns))
     skipped = len(results) - MAX_RESULT_ROWS
     return ("" if skipped <= 0 else f"({skipped} earlier rows not shown)\n") + "\n".join(lines)
 
@@ -156,4 +209,6 @@ def results_table(results: list[dict]) -> str:
 def _cell(column: str, value) -> str:
     if isinstance(value, (int, float)) and column in NUMBER_FORMATS:
         return NUMBER_FORMATS[column].format(value)
+    if isinstance(value, float):  # a task's metric
+        return f"{value:.6g}"
     return str(value).replace("\t", " ").replace("\n", " ")
