@@ -58,10 +58,14 @@ class GPTConfig:
     vocab_size: int = 8192
     n_layer: int = 8
     n_head: int = 4
-    n_kv_head: int = 4  # fewer than n_head: grouped-query attention
+    n_kv_head: int | None = None  # key/value heads, fewer than n_head for grouped-query attention (None: n_head)
     n_embd: int = 512
     window_pattern: str = "SSSL"
     ve_gate_channels: int = 32
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
 
 
 def norm(x):
@@ -240,6 +244,7 @@ class GPT(nn.Module):
     def masks(self, T, device):
         """Per layer: None (plain causal) for a full window, else a sliding-window mask — a
         FlexAttention BlockMask where FlexAttention runs (fast), else a boolean matrix for SDPA."""
+        device = torch.device(device)
         for w in set(self.windows):
             if w < T and (T, w, device) not in self.mask_cache:
                 window = sliding_window(w)
