@@ -235,3 +235,13 @@ def test_every_preset_renders_a_train_py_that_builds_its_model(tmp_path, preset)
     with torch.device("meta"):  # no memory: only that the shapes fit together
         model = train_py.GPT(train_py.model_config(seq_len=128, vocab_size=512))
     assert model.config.n_embd % model.config.n_head == 0
+
+
+def test_the_offline_agent_keeps_momenta_and_betas_below_one():
+    """The offline agent scales floats like learning rates; a momentum of 0.95 x 1.4 would diverge.
+    Muon's momenta and NorMuon's beta move by +-0.1 within [0, 1) instead."""
+    from autoresearch_lib.agents.offline import candidate_changes, read_constants
+
+    moves = [change for change in candidate_changes(read_constants(render_train_py("h100")))
+             if {"MUON_MOMENTUM", "MUON_MOMENTUM_START", "NORMUON_BETA2"} & set(change)]
+    assert moves and all(0 <= value < 1 for change in moves for value in change.values())
