@@ -2,6 +2,7 @@
 
     python bench/bench_trainpy_cpu.py [--budget 120] [--repeats 3] [--before REF]
                                       [--variant 'name:CONST=value,CONST=value' ...]
+                                      [--steps N [--first-seed 42]] [--only NAME ...]
 
 Each variant is the `cpu` preset's train.py: "before" is train.py at git REF (default HEAD),
 "after" the working tree's, and every --variant the working tree's with some UPPERCASE constants
@@ -68,13 +69,13 @@ def load_module(name, source):
     return module
 
 
-def fixed_steps_run(name, source, steps, i):
+def fixed_steps_run(name, source, steps, i, first_seed=42):
     """Train `steps` optimizer steps of the variant in this process, then val_bpb."""
     from autoresearch_lib import data, harness
     from autoresearch_lib.config import make_settings
 
     m = load_module(name, source)
-    settings = make_settings("cpu", seed=42 + i)
+    settings = make_settings("cpu", seed=first_seed + i)
     prepared = data.prepare(settings, verbose=False)
     torch.manual_seed(settings.seed)
     width = -(-m.DEPTH * m.ASPECT_RATIO // m.HEAD_DIM) * m.HEAD_DIM
@@ -126,11 +127,13 @@ def one_run(name, source, budget, i):
     return row
 
 
-def main(budget, repeats, before, variants, steps=None):
+def main(budget, repeats, before, variants, steps=None, only=None, first_seed=42):
     scripts = [("before", before_script(before)), ("after", render_train_py("cpu"))]
     scripts += [variant_script(v) for v in variants]
+    scripts = [(name, source) for name, source in scripts if not only or name in only]
     if steps:
-        rows = [fixed_steps_run(name, source, steps, i) for i in range(repeats) for name, source in scripts]
+        rows = [fixed_steps_run(name, source, steps, i, first_seed) for i in range(repeats)
+                for name, source in scripts]
     else:
         rows = [one_run(name, source, budget, i) for i in range(repeats) for name, source in scripts]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -145,7 +148,7 @@ def main(budget, repeats, before, variants, steps=None):
             print(f"| {name} | {bpbs} | {statistics.median(r['val_bpb'] for r in mine):.4f} | "
                   f"{statistics.median(r['tokens_per_second'] for r in mine):,.0f} |")
     kind = f"steps{steps}" if steps else f"{budget:g}s"
-    out = ROOT / "bench" / "results" / f"trainpy-cpu-{kind}-{time.strftime('%Y-%m-%d')}.json"
+    out = ROOT / "bench" / "results" / f"trainpy-cpu-{kind}-{time.strftime('%Y-%m-%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": machine, "budget": budget, "steps": steps, "before": before,
                                "variants": variants, "runs": rows}, indent=2))
 
@@ -157,5 +160,7 @@ if __name__ == "__main__":
     p.add_argument("--before", default="HEAD")
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--steps", type=int, help="train exactly this many steps in-process instead")
+    p.add_argument("--only", nargs="*", help="run only these variants (by name)")
+    p.add_argument("--first-seed", type=int, default=42, help="with --steps: seeds from here up")
     a = p.parse_args()
-    main(a.budget, a.repeats, a.before, a.variant, a.steps)
+    main(a.budget, a.repeats, a.before, a.variant, a.steps, a.only, a.first_seed)
