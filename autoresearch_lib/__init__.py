@@ -45,7 +45,7 @@ def train(preset: str = "auto", budget: float | None = None, script: str | Path 
           checkpoint: bool = True, timeout: float | None = None, **overrides) -> TrainResult:
     """Train a train.py for a fixed wall-clock budget in a subprocess; return its result.
 
-    preset: "cpu", "small-gpu", "h100", "quick" or "auto" (sized for this machine).
+    preset: "cpu", "small-gpu", "small-data", "h100", "quick" or "auto" (sized for this machine).
     script: a train.py to run (default: the baseline, with the preset's hyperparameters).
     on_progress: called with a `Progress` (step, loss, tok/s, MFU, time left) as training runs.
     Any other keyword overrides a fixed setting (vocab_size=..., seq_len=..., eval_tokens=...).

@@ -94,6 +94,15 @@ PRESETS: dict[str, Preset] = {
         hparams=dict(DEPTH=6, ASPECT_RATIO=64, HEAD_DIM=64, WINDOW_PATTERN="L",
                      TOTAL_BATCH_SIZE=2**16, DEVICE_BATCH_SIZE=16),
     ),
+    "small-data": Preset(
+        "small-data",
+        "any GPU, offline, on a few MB of text (the embedded Shakespeare): sized for ~3 epochs on an "
+        "H100-class card, so val_bpb measures learning, not memorisation (slower card: raise the "
+        "budget until the summary's epochs line reads ~3)",
+        settings=dict(budget=3.0, vocab_size=2048, seq_len=256, eval_tokens=2**16, dataset="shakespeare"),
+        hparams=dict(DEPTH=6, ASPECT_RATIO=64, HEAD_DIM=64, WINDOW_PATTERN="L",
+                     TOTAL_BATCH_SIZE=2**15, DEVICE_BATCH_SIZE=128, WEIGHT_DECAY=0.8),
+    ),
     "h100": Preset(
         "h100",
         "an A100/H100-class GPU at upstream's size: depth 8, seq 2048, vocab 8192, 2^19 tokens/step",

@@ -338,6 +338,7 @@ def auto_dataset() -> str:
         return "tinystories"
     except Exception:
         print("warning: offline, so the GPU preset trains on the embedded Shakespeare (5 MB). "
-              "A 5-minute GPU run sees it many times over, so val_bpb measures overfitting more "
-              "than research progress; the summary's `epochs:` line says how many times.")
+              "A GPU run of minutes sees it dozens of times over, so val_bpb measures memorisation "
+              "more than research progress; the summary's `epochs:` line says how many times. For "
+              "a meaningful offline baseline use preset='small-data' (sized for ~3 epochs).")
         return "shakespeare"

@@ -56,8 +56,8 @@ def test_training_off_the_clock_is_rejected(tmp_path, cache):
         "    run.finish(model, config)",
         "    import time\n    t = time.time()\n"
         "    while time.time() - t < 14:  # more training, without telling the harness\n"
-        "        loss = train_loss(x, y); loss.backward()\n"
-        "        [o.step() for o in optimizers]; model.zero_grad()\n"
+        "        loss = compiled_model(x, y); loss.backward()\n"
+        "        adamw.step(); muon.step(); model.zero_grad()\n"
         "    run.finish(model, config)")
     # a long outside clock, so the harness's own check (which explains the mistake) speaks first
     result = run(tmp_path, cache, sneaky, budget=2, startup_limit=120)

@@ -29,7 +29,9 @@ from .base import Proposal, ProposalError, State
 
 LR_FACTORS = (0.5, 0.7, 1.4, 2.0)
 WINDOW_PATTERNS = ("L", "SL", "SSL", "SSSL")  # S: short (local) window, L: full context
-RATIOS = ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "WEIGHT_DECAY")  # kept in [0, 1]
+# kept in [0, 1], moved by +-0.1: a momentum or beta scaled like a learning rate would pass 1 and diverge
+RATIOS = ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "WEIGHT_DECAY", "WEIGHT_DECAY_FINAL_FRAC",
+          "MUON_MOMENTUM", "MUON_MOMENTUM_START", "NORMUON_BETA2")
 PREFERRED_WEIGHT = 3  # how much likelier a move is if the same direction helped before
 INT_LIMIT = 10**9  # integers move within [1, INT_LIMIT] (from a positive start)
 SMALL_INT = 8  # up to this, an integer also moves by +-1

@@ -4,8 +4,10 @@ The baseline training script: a small GPT, its optimizer and its training loop, 
 This is the file the agent edits. Everything fixed (data, tokenizer, time budget, the val_bpb
 metric, device and precision) lives in autoresearch_lib.harness, which this script imports.
 Run it with `python train.py` (settings come from settings.json / $AUTORESEARCH_SETTINGS).
-Model: as karpathy/autoresearch — RMSNorm, rotary embeddings, QK-norm, ReLU² MLP, value
-embeddings with gates, residual and x0 scalars, soft-capped logits; Muon + AdamW.
+Model: as karpathy/autoresearch — RMSNorm, rotary embeddings, QK-norm, grouped-query attention
+with sliding windows, ReLU² MLP, value embeddings with gates, residual and x0 scalars,
+soft-capped logits. Optimizer: as karpathy/autoresearch — Muon (Polar Express, NorMuon, cautious
+weight decay, momentum warm-up) for the matrices, AdamW for the rest, time-based schedules.
 """
 
 import math
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters: edit these directly (a preset writes its starting values here)
@@ -23,7 +25,11 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 DEPTH = 8  # number of transformer blocks
 ASPECT_RATIO = 64  # model width = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128  # width of one attention head
+QUERIES_PER_KV_HEAD = 1  # grouped-query attention: query heads sharing one key/value head (1: none)
+VE_GATE_CHANNELS = 32  # how many input channels drive each value-embedding gate
 WINDOW_PATTERN = "SSSL"  # per layer: L = full causal attention, S = half-length sliding window
+WINDOW_KERNEL = "auto"  # S layers via "flex" (FlexAttention) or "mask" (SDPA, any card); auto: flex on sm80+
+LOGIT_SOFTCAP = 15.0  # logits are squashed into (-LOGIT_SOFTCAP, LOGIT_SOFTCAP)
 # optimization
 TOTAL_BATCH_SIZE = 524288  # tokens per optimizer step (gradient accumulation fills it)
 DEVICE_BATCH_SIZE = 128  # rows per forward/backward pass
@@ -31,12 +37,19 @@ EMBEDDING_LR = 0.6  # AdamW, token and value embeddings
 UNEMBEDDING_LR = 0.004  # AdamW, the output head
 MATRIX_LR = 0.04  # Muon, every matrix inside the blocks
 SCALAR_LR = 0.5  # AdamW, the per-layer residual scalars
-WEIGHT_DECAY = 0.2  # Muon's decoupled weight decay
 ADAM_BETAS = (0.8, 0.95)
 WARMUP_RATIO = 0.0  # fraction of the time budget spent warming the learning rate up
 WARMDOWN_RATIO = 0.5  # fraction of the time budget spent decaying it
 FINAL_LR_FRAC = 0.0  # learning rate at the end, as a fraction of the peak
-LOGIT_SOFTCAP = 15.0
+# Muon
+MUON_MOMENTUM = 0.95  # Nesterov momentum of the matrices' gradients
+MUON_MOMENTUM_START = 0.85  # momentum rises from this value ...
+MUON_MOMENTUM_WARMUP_STEPS = 300  # ... to MUON_MOMENTUM over this many steps (0: no warm-up)
+POLAR_EXPRESS = True  # orthogonalize with Polar Express's coefficients (False: classic Newton-Schulz)
+NORMUON_BETA2 = 0.95  # NorMuon: even out each neuron's step size by its update RMS (None: off)
+WEIGHT_DECAY = 0.2  # Muon's decoupled weight decay
+CAUTIOUS_WEIGHT_DECAY = True  # decay a weight only where its update also pulls it towards zero
+WEIGHT_DECAY_FINAL_FRAC = 0.0  # weight decay falls linearly to this fraction of WEIGHT_DECAY
 
 
 @dataclass
@@ -45,8 +58,14 @@ class GPTConfig:
     vocab_size: int = 8192
     n_layer: int = 8
     n_head: int = 4
+    n_kv_head: int | None = None  # key/value heads, fewer than n_head for grouped-query attention (None: n_head)
     n_embd: int = 512
     window_pattern: str = "SSSL"
+    ve_gate_channels: int = 32
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
 
 
 def norm(x):
@@ -73,63 +92,78 @@ def sliding_window(w):
     return mask
 
 
+def uses_flex_attention(device):
+    """FlexAttention needs CUDA and, in practice, Ampere or newer (a T4's Triton kernels run out
+    of shared memory); everywhere else the sliding window is an explicit mask for SDPA."""
+    if WINDOW_KERNEL != "auto":
+        return WINDOW_KERNEL == "flex"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+# FlexAttention is fast only compiled. This compiled version also serves the uncompiled model
+# (evaluation, sampling); inside the compiled training step it is simply inlined.
+flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
+
+
 def softcap(logits):
     """Squash logits smoothly into (-LOGIT_SOFTCAP, LOGIT_SOFTCAP), in float32."""
     return LOGIT_SOFTCAP * torch.tanh(logits.float() / LOGIT_SOFTCAP)
 
 
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of soft-capped logits, written out so that it stays light on memory:
-    the forward keeps only the (bf16) logits and one log-sum-exp per row, the backward recomputes
-    the rest. The float32 soft-capped logits (8 GB per micro-batch at the h100 size) are never
-    stored, which saves the GPU several passes over them."""
+class SoftcappedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softcap(logits), light on memory: the forward keeps only the 16-bit
+    logits and one log-sum-exp per row; the backward recomputes the float32 soft-capped logits
+    (8 GB per micro-batch at the h100 size) and lets autograd differentiate softcap() itself,
+    so the gradient stays right whatever softcap() computes. Compiled, it fuses into a few passes."""
 
     @staticmethod
     def forward(ctx, logits, targets):
         z = softcap(logits)
-        if LOGIT_SOFTCAP <= 40:  # z <= cap, so exp(z - cap) lies in (e^-80, 1]: one pass, no max needed
-            lse = torch.exp(z - LOGIT_SOFTCAP).sum(dim=-1).log() + LOGIT_SOFTCAP
-        else:
-            lse = torch.logsumexp(z, dim=-1)
+        lse = torch.logsumexp(z, dim=-1)
         ctx.save_for_backward(logits, targets, lse)
         return (lse - z.gather(-1, targets[:, None]).squeeze(-1)).mean()
 
     @staticmethod
     def backward(ctx, grad):
         logits, targets, lse = ctx.saved_tensors
-        z = softcap(logits)
-        probs = torch.exp(z - lse[:, None])  # softmax
+        z, softcap_backward = torch.func.vjp(softcap, logits)  # recompute z, and how to go back through it
         is_target = torch.arange(z.size(-1), device=z.device) == targets[:, None]
-        dz = torch.where(is_target, probs - 1, probs) * (grad / len(targets))
-        return (dz * (1 - (z / LOGIT_SOFTCAP) ** 2)).to(logits.dtype), None  # through the tanh
+        dz = (torch.exp(z - lse[:, None]) - is_target.float()) * (grad / len(targets))  # softmax - one-hot
+        return softcap_backward(dz)[0], None
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        assert config.n_head % config.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        kv_dim = self.n_kv_head * self.head_dim
         self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embedding(layer, config.n_layer) else None
+        self.ve_gate_channels = config.ve_gate_channels
+        self.ve_gate = (nn.Linear(config.ve_gate_channels, self.n_kv_head, bias=False)
+                        if has_value_embedding(layer, config.n_layer) else None)
 
     def forward(self, x, ve, cos, sin, mask):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:  # mix in the value embedding, gated per head by the input
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        gqa = self.n_kv_head < self.n_head  # each key/value head serves several query heads
         if mask is None:  # full causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif isinstance(mask, BlockMask):  # sliding window on CUDA: skips the masked-out blocks
-            y = flex_attention(q, k, v, block_mask=mask)
-        else:  # sliding window elsewhere: an explicit boolean mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, torch.Tensor):  # sliding window as an explicit boolean mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:  # sliding window as a FlexAttention BlockMask: skips the masked-out blocks
+            y = flex_attention_compiled(q, k, v, block_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -159,20 +193,21 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         n_layer, n_embd = config.n_layer, config.n_embd
+        head_dim = n_embd // config.n_head
         self.wte = nn.Embedding(config.vocab_size, n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(n_layer))
         self.lm_head = nn.Linear(n_embd, config.vocab_size, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(n_layer))
         self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(config.vocab_size, n_embd)
+            str(i): nn.Embedding(config.vocab_size, config.n_kv_head * head_dim)
             for i in range(n_layer) if has_value_embedding(i, n_layer)})
-        head_dim = n_embd // config.n_head
         freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
         angles = torch.outer(torch.arange(config.sequence_len).float(), freqs)
         self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
         self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
         self.windows = self.window_sizes()
+        self.mask_cache = {}  # (T, window, device) -> mask: built once, reused by every step
 
     def window_sizes(self):
         long, pattern = self.config.sequence_len, self.config.window_pattern.upper()
@@ -205,19 +240,20 @@ class GPT(nn.Module):
         attn = sum(12 * self.config.n_head * head_dim * min(w, self.config.sequence_len) for w in self.windows)
         return 6 * n_matrix + attn
 
+    @torch.compiler.disable  # masks are built outside the compiled graph, once per length
     def masks(self, T, device):
-        """Per layer: None (plain causal) for a full window, else a sliding-window mask —
-        a FlexAttention BlockMask on CUDA (fast, compiled), a boolean matrix elsewhere."""
-        cache = self.__dict__.setdefault("_masks", {})
+        """Per layer: None (plain causal) for a full window, else a sliding-window mask — a
+        FlexAttention BlockMask where FlexAttention runs (fast), else a boolean matrix for SDPA."""
+        device = torch.device(device)
         for w in set(self.windows):
-            if w < T and (T, w, device) not in cache:
+            if w < T and (T, w, device) not in self.mask_cache:
                 window = sliding_window(w)
-                if device.type == "cuda":
-                    cache[T, w, device] = create_block_mask(window, None, None, T, T, device=device)
+                if uses_flex_attention(device):
+                    self.mask_cache[T, w, device] = create_block_mask(window, None, None, T, T, device=device)
                 else:
                     i = torch.arange(T, device=device)
-                    cache[T, w, device] = window(None, None, i[:, None], i[None, :])
-        return [None if w >= T else cache[T, w, device] for w in self.windows]
+                    self.mask_cache[T, w, device] = window(None, None, i[:, None], i[None, :])
+        return [None if w >= T else self.mask_cache[T, w, device] for w in self.windows]
 
     def forward(self, idx, targets=None):
         """Token ids (B, T) → soft-capped logits (B, T, vocab), the harness's input for the metric;
@@ -235,57 +271,83 @@ class GPT(nn.Module):
         if targets is None:
             return softcap(logits)
         logits, targets = logits.flatten(0, 1), targets.flatten()
-        if torch.compiler.is_compiling():  # compiled (GPU): the fused, memory-light version
-            return SoftcapCrossEntropy.apply(logits, targets)
+        if torch.compiler.is_compiling():  # compiled (a GPU): the memory-light, fused version
+            return SoftcappedCrossEntropy.apply(logits, targets)
         return F.cross_entropy(softcap(logits), targets)  # eager (CPU, MPS): PyTorch's is faster
-
-
-if torch.cuda.is_available():
-    GPT.masks = torch.compiler.disable(GPT.masks)  # build the masks outside the compiled graph
-    # FlexAttention is fast only compiled; compiling it here too covers the uncompiled model
-    # the harness evaluates (inside the compiled training step it is simply inlined)
-    flex_attention = torch.compile(flex_attention, dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer: Muon for the matrices inside the blocks, AdamW for everything else
 
+# Muon's orthogonalization runs five steps of X <- a X + (b A + c A^2) X with A = X X^T. Classic
+# Newton-Schulz uses one (a, b, c) for all five; Polar Express (Amsel et al., 2025) uses the
+# coefficients optimal for each step, so the singular values land closer to 1.
+NEWTON_SCHULZ_COEFFS = [(3.4445, -4.7750, 2.0315)] * 5
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
 
-def orthogonalize(G, steps=5):
-    """Newton-Schulz iteration: push G's singular values towards 1 (Muon's update direction)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+
+def orthogonalize(G):
+    """Push the singular values of each matrix in the stack G towards 1 (Muon's update direction)."""
     X = G.bfloat16() if G.is_cuda and torch.cuda.get_device_capability()[0] >= 8 else G.float()
     transposed = X.size(-2) > X.size(-1)
-    if transposed:
+    if transposed:  # iterate on the wide orientation: A = X X^T is the smaller square
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # every singular value below 1
+    for a, b, c in POLAR_EXPRESS_COEFFS if POLAR_EXPRESS else NEWTON_SCHULZ_COEFFS:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.mT if transposed else X).to(G.dtype)
+    return (X.mT if transposed else X).float()
+
+
+def normuon(U, second_moment, beta2):
+    """NorMuon: orthogonalization evens out an update's directions, not its neurons. Divide each
+    neuron's update (a row, or a column of a wide matrix) by the running RMS of its past updates,
+    then restore the update's overall norm, so no neuron learns much faster than the others."""
+    mean_square = U.square().mean(dim=-1 if U.size(-2) >= U.size(-1) else -2, keepdim=True)
+    second_moment.lerp_(mean_square, 1 - beta2)
+    scaled = U * second_moment.clamp_min(1e-10).rsqrt()
+    return scaled * (U.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, then an orthogonalized update; same-shape matrices are batched together."""
+    """Nesterov momentum, an orthogonalized (and NorMuon-balanced) update, then decoupled weight
+    decay; same-shape matrices are updated together as one stack."""
 
-    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0):
+    def __init__(self, params, lr, momentum, weight_decay):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            for shape in {p.shape for p in params}:
-                same = [p for p in params if p.shape == shape]
-                grads = torch.stack([p.grad for p in same])
-                bufs = torch.stack([self.state[p].setdefault("buf", torch.zeros_like(p)) for p in same])
-                bufs.lerp_(grads, 1 - group["momentum"])
-                update = orthogonalize(grads.lerp(bufs, group["momentum"]))  # nesterov
-                scale = max(1.0, shape[0] / shape[1]) ** 0.5
-                for p, buf, u in zip(same, bufs, update):
-                    self.state[p]["buf"].copy_(buf)
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(u, alpha=-group["lr"] * scale)
+            for shape in {p.shape: None for p in params}:  # a dict keeps the order: deterministic
+                self.update([p for p in params if p.shape == shape], group)
+
+    def update(self, params, group):
+        rows, cols = params[0].shape
+        state = self.state[params[0]]  # one state for the whole stack, kept with its first matrix
+        if not state:
+            state["momentum"] = torch.zeros(len(params), rows, cols, device=params[0].device)
+            moment_shape = (rows, 1) if rows >= cols else (1, cols)
+            state["second_moment"] = torch.zeros(len(params), *moment_shape, device=params[0].device)
+        grads = torch.stack([p.grad.float() for p in params])
+        state["momentum"].lerp_(grads, 1 - group["momentum"])
+        U = orthogonalize(grads.lerp(state["momentum"], group["momentum"]))  # Nesterov
+        if NORMUON_BETA2 is not None:
+            U = normuon(U, state["second_moment"], NORMUON_BETA2)
+        W = torch.stack(params)
+        lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # tall matrices take larger steps
+        decay = group["weight_decay"] * W
+        if CAUTIOUS_WEIGHT_DECAY:  # only where the update already moves the weight towards zero
+            decay = decay * (U * W >= 0)
+        W.sub_(lr * (U + decay))
+        torch._foreach_copy_(params, list(W))
 
 
 def make_optimizers(model, fused):
@@ -298,12 +360,10 @@ def make_optimizers(model, fused):
         dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
     ]
     adamw = torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0, fused=fused)
-    muon = Muon(matrices, lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
-    optimizers = [adamw, muon]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
-    return optimizers
+    muon = Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, weight_decay=WEIGHT_DECAY)
+    for group in adamw.param_groups + muon.param_groups:
+        group["initial_lr"] = group["lr"]
+    return adamw, muon
 
 
 def lr_multiplier(progress):
@@ -316,45 +376,68 @@ def lr_multiplier(progress):
     return cooldown + (1 - cooldown) * FINAL_LR_FRAC
 
 
+def muon_momentum(step):
+    """Lower momentum for the first steps, while gradients change fast, then MUON_MOMENTUM."""
+    frac = min(step / MUON_MOMENTUM_WARMUP_STEPS, 1.0) if MUON_MOMENTUM_WARMUP_STEPS else 1.0
+    return MUON_MOMENTUM_START + frac * (MUON_MOMENTUM - MUON_MOMENTUM_START)
+
+
+def weight_decay(progress):
+    """WEIGHT_DECAY at the start, falling linearly to WEIGHT_DECAY * WEIGHT_DECAY_FINAL_FRAC."""
+    return WEIGHT_DECAY * (1 - progress * (1 - WEIGHT_DECAY_FINAL_FRAC))
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
+
+
+def model_config(seq_len, vocab_size):
+    """The model's shape from the hyperparameters above (the width rounded up to whole heads)."""
+    width = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
+    n_head = width // HEAD_DIM
+    return GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=DEPTH, n_head=n_head,
+                     n_kv_head=max(1, n_head // QUERIES_PER_KV_HEAD), n_embd=width,
+                     window_pattern=WINDOW_PATTERN, ve_gate_channels=VE_GATE_CHANNELS)
 
 
 def main():
     from autoresearch_lib import harness
 
     run = harness.setup()
-    model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
-    config = GPTConfig(sequence_len=run.seq_len, vocab_size=run.vocab_size, n_layer=DEPTH,
-                       n_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN)
+    config = model_config(run.seq_len, run.vocab_size)
     model = GPT(config).to(run.device)
     model.init_weights()
-    optimizers = make_optimizers(model, fused=run.device.type == "cuda")
-    # the loss is compiled with the model on CUDA, so soft-cap and cross-entropy fuse
-    train_loss = run.compile(model)  # model(x, y) is the loss
+    adamw, muon = make_optimizers(model, fused=run.device.type == "cuda")
+    # compiled on CUDA (the loss with the model, so soft-cap and cross-entropy fuse); else the model
+    compiled_model = run.compile(model)
 
     tokens_per_pass = DEVICE_BATCH_SIZE * run.seq_len
     assert TOTAL_BATCH_SIZE % tokens_per_pass == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * seq_len"
     grad_accum = TOTAL_BATCH_SIZE // tokens_per_pass
-    print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | width {model_dim} | "
-          f"depth {DEPTH} | grad accumulation {grad_accum}", flush=True)
+    print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | width {config.n_embd} | "
+          f"depth {DEPTH} | heads {config.n_head} (kv {config.n_kv_head}) | grad accumulation {grad_accum}", flush=True)
 
     loader = run.train_loader(DEVICE_BATCH_SIZE)
     x, y, epoch = next(loader)
     run.begin(model, tokens_per_step=TOTAL_BATCH_SIZE)
+    step = 0
     while not run.done:
         for _ in range(grad_accum):
             with run.autocast():
-                loss = train_loss(x, y)
+                loss = compiled_model(x, y)
             run.scaler.scale(loss / grad_accum).backward()
             x, y, epoch = next(loader)
         lrm = lr_multiplier(run.progress)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-            run.scaler.step(opt)
+        for group in adamw.param_groups + muon.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        for group in muon.param_groups:
+            group["momentum"] = muon_momentum(step)
+            group["weight_decay"] = weight_decay(run.progress)
+        run.scaler.step(adamw)
+        run.scaler.step(muon)
         run.scaler.update()
         model.zero_grad(set_to_none=True)
+        step += 1
         run.step_done(loss.detach(), lrm=lrm, epoch=epoch)
 
     run.finish(model, config)
