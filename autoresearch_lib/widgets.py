@@ -137,7 +137,10 @@ class Dashboard:
         return self.widget._repr_mimebundle_(**kwargs)
 
     def _build(self, max_experiments: int) -> None:
-        s, env = self.ws.settings, os.environ
+        env = os.environ
+        # the time a run gets: GPT's training budget (settable until the baseline ran), or a
+        # task's timeout (fixed by its task.toml)
+        seconds = self.ws.task.timeout if self.ws.is_task else self.ws.settings.budget
         choices = [("offline (no key, no network)", "offline"), ("OpenAI-compatible", "openai"),
                    ("scripted (the edits below)", "scripted")]
         if self.given_agent is not None:
@@ -154,7 +157,8 @@ class Dashboard:
         self.openai_box = w.VBox([w.HBox([self.model, self.base_url]),
                                   w.HBox([self.api_key, self.key_from_env])])
         self.edits = w.Textarea(DEMO_EDITS, description="edits", layout=w.Layout(width="640px"))
-        self.budget = w.BoundedFloatText(s.budget, min=1, max=10**6, description="budget (s)",
+        self.budget = w.BoundedFloatText(seconds, min=1, max=10**6,
+                                         description="timeout (s)" if self.ws.is_task else "budget (s)",
                                          tooltip="training seconds; fixed once the baseline ran")
         self.max_experiments = w.BoundedIntText(max_experiments, min=0, max=10**6, description="max exps",
                                                 tooltip="Start runs this many (0: no limit)")
@@ -183,7 +187,7 @@ class Dashboard:
         half = dict(layout=w.Layout(width="50%", min_width="0", padding="0 6px 0 0"))
         self.widget = w.VBox([
             w.HTML(f"<b>autoresearch</b> · {html.escape(str(self.ws.path))} · branch "
-                   f"<code>{html.escape(self.ws.branch)}</code> · preset {s.preset}"),
+                   f"<code>{html.escape(self.ws.branch)}</code> · {html.escape(self._what())}"),
             w.HBox([self.agent_choice, self.approval]), self.openai_box, self.edits,
             w.HBox([self.budget, self.max_experiments]),
             w.HBox([self.start_button, self.stop_button, self.step_button, self.progress]),
@@ -260,7 +264,8 @@ class Dashboard:
     def _work(self, job, agent) -> None:
         message, failed = None, False
         try:
-            if self.executor in (None, run_training):  # a bad corpus fails here, clearly, once
+            if self.executor in (None, run_training) and not self.ws.is_task:  # a bad corpus
+                # fails here, clearly, once
                 self._set_status("preparing the data (cached after the first time)")
                 data.prepare(self.ws.settings, verbose=False)
             job(agent)
@@ -275,13 +280,16 @@ class Dashboard:
 
     def _fix_budget(self) -> None:
         """Until the baseline has run the budget may change; after that every run gets the same."""
-        settings = self.ws.settings
-        if self.ws.next_index() or self.budget.value == settings.budget:
+        if self.ws.is_task or self.ws.next_index() or self.budget.value == self.ws.settings.budget:
             return
-        settings.budget = float(self.budget.value)
-        settings.to_json(self.ws.path / "settings.json")
-        # amend the baseline commit, so it stays the one commit a reset returns to
-        self.ws._git("commit", "-q", "--amend", "--no-verify", "--no-edit", "--", "settings.json")
+        self.ws.set_budget(float(self.budget.value))
+
+    def _what(self) -> str:
+        """What this workspace researches: a task and its metric, or GPT training's preset."""
+        if self.ws.is_task:
+            better = "lower" if self.ws.direction == "minimize" else "higher"
+            return f"task {self.ws.task_info['name']} · {self.ws.metric} ({better} is better)"
+        return f"preset {self.ws.settings.preset}"
 
     def _chosen_agent(self):
         """The agent the chooser describes; kept between runs (a scripted agent goes on)."""
@@ -432,7 +440,7 @@ class Dashboard:
                         self.key_from_env, self.edits, self.max_experiments):
             control.disabled = busy
         self.api_key.disabled = busy or self.key_from_env.value
-        self.budget.disabled = busy or bool(self._rows)
+        self.budget.disabled = busy or bool(self._rows) or self.ws.is_task
         choice = self.agent_choice.value
         self.openai_box.layout.display = "" if choice == "openai" else "none"
         self.edits.layout.display = "" if choice == "scripted" else "none"

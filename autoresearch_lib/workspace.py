@@ -335,6 +335,17 @@ class Workspace:
                                  " not for GPT training: it has no GPT settings (see ws.task).")
         return Settings.from_json(self.path / "settings.json")
 
+    def set_budget(self, budget: float) -> None:
+        """Change the training budget before the baseline has run (never after: every experiment
+        must get the same). The baseline commit is amended, so it stays the one a reset returns to."""
+        if self.next_index():
+            raise WorkspaceError(f"{self.path} has results already: its budget is fixed, so that "
+                                 "every experiment is measured the same way. Start a new workspace.")
+        settings = self.settings
+        settings.budget = float(budget)
+        settings.to_json(self.path / "settings.json")
+        self._git("commit", "-q", "--amend", "--no-verify", "--no-edit", "--", "settings.json")
+
     # ------------------------------------------------------------ which task
 
     @property

@@ -235,3 +235,18 @@ def test_cli_loop_on_a_task_makes_results_and_a_chart(tmp_path):
     assert listed.returncode == 0 and "fit-curve" in listed.stdout and "speed-up" in listed.stdout
     wrong = cli("loop", "--workspace", "ws", "--task", "speed-up", cwd=tmp_path)
     assert wrong.returncode == 2 and "not speed-up" in wrong.stderr
+
+
+def test_the_dashboard_runs_a_task_workspace(tmp_path):
+    """Step on a fit-curve workspace: the dashboard shows the task and its metric, the timeout
+    instead of a budget, and records the baseline like a GPT experiment."""
+    from autoresearch_lib.widgets import Dashboard
+
+    ws = Workspace.create(tmp_path / "ws", task="fit-curve")
+    d = Dashboard(ws)
+    assert "task fit-curve" in d.widget.children[0].value and d.budget.disabled
+    assert d.budget.description == "timeout (s)"
+    assert d.step() and d.wait(120)
+    assert d.error is None, d.error
+    [row] = ws.results()
+    assert row["description"] == "baseline" and row["status"] == "keep" and row["mse"] > 0
