@@ -9,19 +9,26 @@ from matplotlib.ticker import MaxNLocator
 
 
 def summary(rows: list[dict]) -> dict:
-    """Counts and the best result of a run's results.tsv rows."""
+    """Counts and the best result of a run's results.tsv rows.
+
+    `recheck` rows (the best trained again, for a fair comparison) are counted apart: they are
+    not experiments.
+    """
+    rechecks = sum(r["status"] == "recheck" for r in rows)
+    rows = [r for r in rows if r["status"] != "recheck"]
     kept = [r for r in rows if r["status"] == "keep"]
     ok = [r for r in rows if r["status"] != "crash"]
     best = min((r["val_bpb"] for r in kept), default=None)
     first = kept[0]["val_bpb"] if kept else None
     return {"experiments": len(rows), "kept": len(kept), "crashed": len(rows) - len(ok),
             "keep_rate": len(kept) / len(rows) if rows else 0.0, "baseline": first, "best": best,
-            "improvement": (first - best) if kept else 0.0}
+            "improvement": (first - best) if kept else 0.0, "rechecks": rechecks}
 
 
 def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: str = "#2ca02c",
                    annotate: bool = True):
-    """Discarded experiments as grey dots, kept ones as green dots, the running best as a step line.
+    """Discarded experiments as grey dots, kept ones as green dots, the running best as a step line,
+    re-checks of the best (trained again for a fair comparison) as orange rings.
 
     Crashes are left out (their val_bpb is 0). Pass `ax` and `label` to draw two runs on one chart.
     """
@@ -30,9 +37,13 @@ def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: s
     xs = [i for i, r in enumerate(rows) if r["status"] != "crash"]
     disc = [(i, rows[i]["val_bpb"]) for i in xs if rows[i]["status"] == "discard"]
     kept = [(i, rows[i]["val_bpb"]) for i in xs if rows[i]["status"] == "keep"]
+    rechecked = [(i, rows[i]["val_bpb"]) for i in xs if rows[i]["status"] == "recheck"]
     if disc:
         ax.scatter(*zip(*disc), c="#bbbbbb", s=18, alpha=0.8, zorder=2,
                    label=None if label else "discarded")
+    if rechecked:
+        ax.scatter(*zip(*rechecked), facecolors="none", edgecolors="#d9822b", s=40, zorder=3,
+                   label=None if label else "best, trained again")
     if kept:
         ax.scatter(*zip(*kept), c=color, s=50, edgecolors="black", linewidths=0.5, zorder=4,
                    label=f"{label} (kept)" if label else "kept")

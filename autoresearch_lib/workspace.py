@@ -57,7 +57,8 @@ RESULTS_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "t
                    "sandbox",  # how training was isolated: "bwrap", or "none" (see sandbox.py)
                    "sig"]  # the loop's HMAC of the row: rows it did not write are refused
 UPSTREAM_COLUMNS = RESULTS_COLUMNS[:5]  # what karpathy/autoresearch writes and its tools read
-STATUSES = ("keep", "discard", "crash")
+STATUSES = ("keep", "discard", "crash",
+            "recheck")  # the incumbent trained again for a fair comparison (see loop.py)
 TRACKED = ["train.py", "program.md", "settings.json", ".gitignore"]
 TMP_TRAIN_PY = ".train.py.tmp"  # the new train.py until it is renamed over the old one
 GITIGNORE = "results.tsv\nlogs/\nruns/\n*.pt\n.lock\n"
@@ -435,6 +436,10 @@ class Workspace:
         """Throw away everything after `commit` (the undo of a discarded experiment)."""
         self._git("reset", "-q", "--hard", commit)
 
+    def show(self, commit: str, name: str = "train.py") -> str:
+        """The text of a tracked file as it was at `commit` (the incumbent's train.py, to re-run it)."""
+        return self._git("show", f"{commit}:{name}")
+
     def diff(self, a: str, b: str | None = None) -> str:
         """Unified diff of train.py from commit `a` to commit `b` (or to the file on disk)."""
         return self._git("diff", a, *([b] if b else []), "--", "train.py")
@@ -470,12 +475,21 @@ class Workspace:
         return len(self.results())
 
     def best(self) -> tuple[str, float] | None:
-        """(commit, val_bpb) of the best kept experiment, or None before the baseline ran."""
-        kept = [r for r in self.results() if r["status"].strip().lower() == "keep"]
+        """(commit, val_bpb) of the incumbent, or None before the baseline ran.
+
+        The incumbent is the last kept commit, the tip of the branch (each keep builds on the one
+        before); its val_bpb is its latest measurement: a `recheck` row after its keep row
+        measured it again, under the conditions of that time (see loop.py).
+        """
+        rows = self.results()
+        kept = [i for i, r in enumerate(rows) if r["status"].strip().lower() == "keep"]
         if not kept:
             return None
-        row = min(kept, key=lambda r: r["val_bpb"])  # ties: the earliest
-        return row["commit"], row["val_bpb"]
+        commit, val_bpb = rows[kept[-1]]["commit"], rows[kept[-1]]["val_bpb"]
+        for r in rows[kept[-1] + 1:]:
+            if r["status"].strip().lower() == "recheck" and r["commit"] == commit:
+                val_bpb = r["val_bpb"]
+        return commit, val_bpb
 
     # ------------------------------------------------------------ one loop at a time
 
