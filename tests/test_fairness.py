@@ -462,3 +462,16 @@ def test_on_a_machine_left_alone_every_extra_run_is_one_the_thresholds_ask_for(p
         why = Guard().why_recheck(reference, Measurement.of_result(first_runs[exp.index]))
         assert bool(exp.rechecks) == (why is not None), (exp.index, reference, why)
         assert exp.extra_runs <= 2 * (why is not None)
+
+
+def test_best_is_the_last_kept_commit_at_its_latest_measurement(ws):
+    row = lambda commit, val, status: {"commit": commit, "val_bpb": val, "status": status,
+                                       "description": "d"}
+    ws.append_result(row("aaaaaaa", 2.0, "keep"))
+    ws.append_result(row("bbbbbbb", 1.9, "discard"))
+    ws.append_result(row("aaaaaaa", 2.1, "recheck"))  # the machine got busier
+    assert ws.best() == ("aaaaaaa", 2.1)
+    ws.append_result(row("ccccccc", 2.05, "keep"))  # beat the re-run: kept, though above 2.0
+    ws.append_result(row("aaaaaaa", 1.8, "recheck"))  # an old best's re-run no longer counts
+    ws.append_result(row("ddddddd", 0.0, "crash"))
+    assert ws.best() == ("ccccccc", 2.05) == Workspace(ws.path).best()  # read afresh
