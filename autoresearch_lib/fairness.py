@@ -43,7 +43,6 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # measured on a shared 2-core CPU, quick preset (bench/bench_fairness.py, docs/benchmarks.md)
 SPEED = 0.05  # same model, throughput 5 % apart: another machine (quiet back-to-back runs: ≤ 4.7 %)
 TIE = 0.002  # scores 0.2 % apart are a tie (same code, same speed, steady runs: ≤ 0.09 %)
@@ -67,14 +66,14 @@ class Measurement:
     jitter: float = 0.0  # step-to-step spread of its speed (coefficient of variation)
 
     @classmethod
-    def of_result(cls, result) -> "Measurement":
+    def of_result(cls, result) -> Measurement:
         """From a runner.TrainResult (and its log, for the jitter)."""
         return cls(result.val_bpb if result.ok else None, result.tokens_per_second or 0.0,
                    result.num_params_M or 0.0, result.flops_per_token or 0.0, result.load_avg or 0.0,
                    jitter(result.log_path))
 
     @classmethod
-    def of_row(cls, row: dict) -> "Measurement":
+    def of_row(cls, row: dict) -> Measurement:
         """From a results.tsv row (Workspace.results())."""
         value = row["val_bpb"] if row["status"] != "crash" else None
         return cls(value, *(row.get(k) or 0.0 for k in ("tok_per_sec", "params_M", "flops_per_token", "load")))

@@ -77,9 +77,8 @@ class Event:
     kind: "experiment" (a new one starts), "proposal" (description, diff), "progress" (a
     runner.Progress), "line" (a log line), "result" (a TrainResult), "decision" (status,
     val_bpb, best), "waiting" (seconds, failures, reason: proposals keep failing, so `run`
-    pauses before the next), "recheck" (the incumbent trains again: commit, why, headline,
-    candidate: the experiment it is compared with), "rechecked" (its row was written:
-    experiment), "stopped", "error".
+    pauses before the next), "recheck" (the incumbent trains again, as row `index`: commit,
+    why, headline, candidate: the experiment it is compared with), "stopped", "error".
     """
 
     kind: str
@@ -249,31 +248,37 @@ def _reference(rows: list[dict], best: tuple[str, float]) -> Measurement:
 def _decide_fairly(ws, index, emit, stop, executor, guard: Guard, rows, best, agent, proposal,
                    commit, result, t0) -> Experiment:
     """Judge the candidate against the incumbent under the same conditions (see fairness.py):
-    train the incumbent again (row index+1) when the guard asks, then decide on the pair."""
+    train the incumbent again (rows index+1, ...) when the guard asks, then decide on the pair."""
     reference = _reference(rows, best)
     runs = _fair_runs(ws, index, emit, stop, executor, guard, rows, best, reference, result)
     if runs is None:
         return _stopped(ws, index, emit, best, proposal.description)
+    exp = _fair_experiment(index, commit, proposal, guard, best, reference, runs, t0)
+    return _record(ws, index, emit, exp, best, getattr(agent, "name", "?"), proposal)
+
+
+def _fair_experiment(index, commit, proposal, guard: Guard, best, reference: Measurement, runs,
+                     t0) -> Experiment:
+    """The candidate's Experiment from its runs and the incumbent's, with the re-checks' rows."""
     (candidate, measured), (reruns, remeasured) = runs["candidate"], runs["incumbent"]
     crashed = [r for r in candidate if not r.ok]  # a crash of its second run is its crash too
     if crashed:
-        decisive_run, verdict = crashed[0], None
+        shown, verdict = crashed[0], None
     else:
-        decisive_run = candidate[measured.index(decisive(measured))]
+        shown = candidate[measured.index(decisive(measured))]
         verdict = guard.decide(reference, measured, remeasured)
     status = "crash" if verdict is None else "keep" if verdict.keep else "discard"
-    reason = decisive_run.reason if verdict is None else verdict.reason
+    reason = shown.reason if verdict is None else verdict.reason
     if reruns and verdict is not None:
-        numbers = " and ".join(f"#{index + 1 + k}" for k in range(len(reruns)))
-        reason = f"against the best's re-run {numbers}: {reason}"
+        reason = f"against the best's re-run {' and '.join(f'#{index + 1 + k}' for k in range(len(reruns)))}: {reason}"
     ran = [m for m in remeasured if m.ok]
     against = min(ran, key=lambda m: m.value) if ran else reference
-    exp = Experiment(index, commit, proposal.description, status, decisive_run.val_bpb, against.value,
-                     reason, proposal.diff, decisive_run, time.time() - t0,
-                     extra_runs=len(candidate) + len(reruns) - 1)
+    seconds = time.time() - t0 - sum(r.wall_seconds for r in reruns)  # theirs are in their rows
+    exp = Experiment(index, commit, proposal.description, status, shown.val_bpb, against.value,
+                     reason, proposal.diff, shown, seconds, extra_runs=len(candidate) + len(reruns) - 1)
     exp.rechecks = [_recheck_experiment(index, k, best, reference, rerun, why)
                     for k, (rerun, why) in enumerate(zip(reruns, runs["why"]))]
-    return _record(ws, index, emit, exp, best, getattr(agent, "name", "?"), proposal)
+    return exp
 
 
 def _fair_runs(ws, index, emit, stop, executor, guard: Guard, rows, best, reference,

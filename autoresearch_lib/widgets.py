@@ -14,9 +14,10 @@ so the dashboard can be driven and tested without a browser:
 Stop kills the training run within seconds; that experiment is undone and not recorded, and
 Start resumes. "fair comparisons" (on by default; `recheck=False` turns it off) trains the best
 again beside a candidate when the machine's speed changed or the win is small (loop.py); the
-status line says so while it happens, and afterwards counts the extra runs per kept change. Approval mode wraps the chosen agent in a HumanAgent whose callback waits, on the
-loop's thread (never on stdin), for Accept or Reject; a rejected proposal becomes a crash row,
-"rejected by the instructor", as any failed proposal does.
+status line says so while it happens, and afterwards counts the extra runs per kept change.
+Approval mode wraps the chosen agent in a HumanAgent whose callback waits, on the loop's thread
+(never on stdin), for Accept or Reject; a rejected proposal becomes a crash row, "rejected by
+the instructor", as any failed proposal does.
 
 A typed API key is taken out of its Password field as soon as the agent is built: it lives in this
 process's memory only, never in a widget value a saved notebook could keep, in results.tsv or in

@@ -9,7 +9,9 @@ run. From these runs come the numbers behind fairness.py's thresholds:
           must stay above it, or a quiet machine would look changed);
   slope   how much val_bpb moves per 1 % of speed (MARGIN: what a speed change too small for
           SPEED to catch can still move);
-  tie     how far apart the val_bpb of two back-to-back runs at about the same speed are (TIE).
+  tie     how far apart the val_bpb of two runs at about the same speed (within SPEED) are, for
+          steady runs (TIE) and for runs whose speed jumped about from step to step (TIE_UNSTEADY);
+  jitter  how much the speed of each run varied from step to step (UNSTEADY).
 
 Part 2, the loop. A workspace whose baseline trains with the hog on; then `--edits` edits while
 the hog comes and goes (on ~15 s, off ~25 s, seeded, the same schedule for both modes): all but
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -45,6 +48,7 @@ from autoresearch_lib import data, loop  # noqa: E402
 from autoresearch_lib.agents import ScriptedAgent  # noqa: E402
 from autoresearch_lib.baseline import render_train_py  # noqa: E402
 from autoresearch_lib.config import make_settings  # noqa: E402
+from autoresearch_lib.fairness import SPEED, UNSTEADY, jitter  # noqa: E402
 from autoresearch_lib.runner import run_training  # noqa: E402
 from autoresearch_lib.workspace import Workspace  # noqa: E402
 
@@ -92,7 +96,8 @@ def train_once(settings, root: Path, n: int) -> dict:
     r = run_training(render_train_py("quick"), settings, root / f"calib{n:03d}")
     if not r.ok:
         raise RuntimeError(f"calibration run {n} crashed: {r.reason}\n{r.error_tail}")
-    return {"val": r.val_bpb, "tps": r.tokens_per_second, "steps": r.num_steps}
+    return {"val": r.val_bpb, "tps": r.tokens_per_second, "steps": r.num_steps,
+            "jitter": jitter(r.log_path)}
 
 
 def calibrate(settings, root: Path, n: int, hogs: int) -> dict:
@@ -110,21 +115,27 @@ def calibrate(settings, root: Path, n: int, hogs: int) -> dict:
 
 def analyse(quiet: list[dict], mixed: list[dict]) -> dict:
     """The spreads and the slope that the thresholds rest on (relative numbers)."""
-    pairs = list(zip(quiet, quiet[1:]))  # back to back, machine as it is
+    pairs = list(itertools.pairwise(quiet))  # back to back, machine as it is
     speed_gaps = [abs(b["tps"] / a["tps"] - 1) for a, b in pairs]
     # val_bpb against log(tokens/s) over every run: a straight line fits the range measured
     runs = quiet + mixed
     xs, ys = [math.log(r["tps"]) for r in runs], [r["val"] for r in runs]
     mx, my = statistics.mean(xs), statistics.mean(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    # same-speed pairs: two quiet runs whose speeds are within 3 % of each other
-    close = [(a, b) for a, b in pairs if abs(b["tps"] / a["tps"] - 1) <= 0.03]
-    ties = [abs(b["val"] / a["val"] - 1) for a, b in close]
-    return {"speed_gap_median": statistics.median(speed_gaps), "speed_gap_max": max(speed_gaps),
-            "tps_cv": statistics.stdev(r["tps"] for r in quiet) / statistics.mean(r["tps"] for r in quiet),
-            "val_per_speed_pct": -slope / my / 100,  # relative val change per 1 % more speed
-            "tie_pairs": len(ties), "tie_median": statistics.median(ties) if ties else None,
-            "tie_max": max(ties) if ties else None}
+    # any two runs within SPEED of each other's speed: steady (both) or not
+    ties = {"steady": [], "unsteady": []}
+    for a, b in itertools.combinations(runs, 2):
+        if abs(b["tps"] / a["tps"] - 1) <= SPEED:
+            kind = "steady" if max(a["jitter"], b["jitter"]) <= UNSTEADY else "unsteady"
+            ties[kind].append(abs(b["val"] / a["val"] - 1))
+    out = {"speed_gap_median": statistics.median(speed_gaps), "speed_gap_max": max(speed_gaps),
+           "val_per_speed_pct": -slope / my / 100,  # relative val change per 1 % more speed
+           "steady_runs": sum(r["jitter"] <= UNSTEADY for r in runs), "runs": len(runs)}
+    for kind, gaps in ties.items():
+        out[f"tie_{kind}_pairs"] = len(gaps)
+        out[f"tie_{kind}_median"] = statistics.median(gaps) if gaps else None
+        out[f"tie_{kind}_max"] = max(gaps) if gaps else None
+    return out
 
 
 # ---------------------------------------------------------------- part 2: the loop
@@ -178,6 +189,10 @@ def med(rows: list[dict], key: str):
     return statistics.median(values) if values else None
 
 
+def pct(v) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
 def fmt(v) -> str:
     return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -207,11 +222,16 @@ def main() -> None:
             c = out["calibration"] = calibrate(settings, Path(tmp), args.calibrate, args.hogs)
             print("## calibration (baseline train.py)\n")
             print(f"- tokens/s of back-to-back runs, machine as it is: median gap "
-                  f"{c['speed_gap_median']:.1%}, largest {c['speed_gap_max']:.1%} (CV {c['tps_cv']:.1%})")
+                  f"{c['speed_gap_median']:.1%}, largest {c['speed_gap_max']:.1%}")
             print(f"- val_bpb moves {c['val_per_speed_pct']:.3%} per 1 % of speed (fit over "
-                  f"{2 * args.calibrate} runs, hog on for every other one of the second half)")
-            print(f"- val_bpb of back-to-back runs within 3 % of speed ({c['tie_pairs']} pairs): "
-                  f"median gap {fmt(c['tie_median'])}, largest {fmt(c['tie_max'])}\n", flush=True)
+                  f"{c['runs']} runs, hog on for every other one of the second half)")
+            print(f"- steady runs (speed varied <= {UNSTEADY:.0%} from step to step): "
+                  f"{c['steady_runs']} of {c['runs']}")
+            for kind in ("steady", "unsteady"):
+                print(f"- val_bpb of two {kind} runs within {SPEED:.0%} of speed "
+                      f"({c[f'tie_{kind}_pairs']} pairs): median gap {pct(c[f'tie_{kind}_median'])}, "
+                      f"largest {pct(c[f'tie_{kind}_max'])}")
+            print(flush=True)
         loops = []
         for i in range(args.repeats):
             for recheck in (True, False):
@@ -226,11 +246,12 @@ def main() -> None:
           "extra runs per kept change | minutes per loop |\n|---|---|---|---|---|---|---|")
     for recheck in (True, False):
         rows = [r for r in loops if r["recheck"] is recheck]
-        total = lambda k: sum(r[k] for r in rows)
+        total = {k: sum(r[k] for r in rows) for k in ("false_keeps", "experiments", "real_kept",
+                                                      "extra_runs")}
         print(f"| {'on (default)' if recheck else 'off (--no-recheck)'} | "
-              f"{fmt(med(rows, 'false_keeps'))} ({total('false_keeps')} of "
-              f"{total('experiments') - len(rows)}) | {total('real_kept')} of {len(rows)} | "
-              f"{fmt(med(rows, 'extra_runs'))} ({total('extra_runs')}) | "
+              f"{fmt(med(rows, 'false_keeps'))} ({total['false_keeps']} of "
+              f"{total['experiments'] - len(rows)}) | {total['real_kept']} of {len(rows)} | "
+              f"{fmt(med(rows, 'extra_runs'))} ({total['extra_runs']}) | "
               f"{fmt(med(rows, 'extra_per_experiment'))} | {fmt(med(rows, 'extra_per_keep'))} | "
               f"{fmt(med(rows, 'minutes'))} |")
     out["load_end"] = os.getloadavg()[0]

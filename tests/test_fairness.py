@@ -8,7 +8,6 @@ the machine is busier during the baseline than afterwards, whatever else is runn
 """
 
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -19,9 +18,7 @@ import pytest
 
 from autoresearch_lib import fairness, loop
 from autoresearch_lib.agents import ScriptedAgent
-from autoresearch_lib.agents.offline import set_constants
-from autoresearch_lib.fairness import (MARGIN, SPEED, TIE, TIE_UNSTEADY, UNSTEADY, Guard,
-                                       Measurement, decisive)
+from autoresearch_lib.fairness import MARGIN, SPEED, TIE, TIE_UNSTEADY, UNSTEADY, Guard, Measurement, decisive
 from autoresearch_lib.runner import TrainResult
 from autoresearch_lib.workspace import UPSTREAM_COLUMNS, Workspace
 
@@ -352,12 +349,12 @@ def test_the_cli_reports_what_fairness_cost_and_no_recheck_turns_it_off(tmp_path
 
     matplotlib.use("Agg")
     edits = tmp_path / "edits.json"
-    edits.write_text(json.dumps(["a comment\n<<<<<<< SEARCH\nimport math\n=======\n"
-                                 "import math  # a comment\n>>>>>>> REPLACE\n", list(lr(0.03))]))
+    a_comment = "a comment\n<<<<<<< SEARCH\nimport math\n=======\nimport math  # a comment\n>>>>>>> REPLACE\n"
+    edits.write_text(json.dumps([a_comment, list(lr(0.03))]))
     run = loop.run
     for flags in ([], ["--no-recheck"]):
         machine = Machine(busy=[0.5, 0.0])  # busy during the baseline only
-        monkeypatch.setattr(loop, "run", lambda *a, **kw: run(*a, **kw, executor=machine))
+        monkeypatch.setattr(loop, "run", lambda *a, m=machine, **kw: run(*a, **kw, executor=m))
         args = ["loop", "--workspace", str(tmp_path / f"ws{len(flags)}"), "--preset", "quick",
                 "--agent", "scripted", "--edits", str(edits), "--max-experiments", "3", *flags]
         assert cli.main(args) == 0
