@@ -126,11 +126,23 @@ def make_cli_agent(args):
 
 
 def experiment_line(exp, metric: str = "val_bpb") -> str:
-    """One line per experiment, as the loop command prints it."""
+    """One line per results.tsv row, as the loop command prints it (a re-check of the best too)."""
     bpb = f"{exp.val_bpb:.6f}" if exp.val_bpb is not None else "   -    "
-    best = f"(best {exp.best_before:.6f})" if exp.best_before is not None else "(first run)"
-    why = f"  [{exp.reason}]" if exp.status == "crash" else ""
+    recheck = exp.description.startswith("recheck ")
+    best = ("(first run)" if exp.best_before is None else
+            f"({'was' if recheck else 'best'} {exp.best_before:.6f})")
+    why = f"  [{exp.reason}]" if exp.status == "crash" or recheck else ""
     return f"#{exp.index:03d} {exp.commit} {exp.status:<7} {metric} {bpb} {best}  {exp.description}{why}"
+
+
+def cost_line(done) -> str:
+    """What fair comparisons cost in this loop, for its last line."""
+    from .loop import recheck_cost
+
+    c = recheck_cost(done)
+    return (f"fair comparisons: {c['extra_runs']} extra run(s) ({c['rechecks']} re-check(s) of the "
+            f"best) for {c['experiments']} experiment(s) and {c['kept']} kept change(s): "
+            f"{c['per_kept']:.1f} extra run(s) per kept change (--no-recheck turns this off)")
 
 
 def open_or_create(args):
@@ -194,14 +206,18 @@ def cmd_loop(args) -> int:
             bar.progress(e.data["progress"])
         elif e.kind == "decision":
             bar.close()
-            print(experiment_line(e.data["experiment"], metric), flush=True)
+            exp = e.data["experiment"]
+            print(experiment_line(exp, metric), flush=True)
+            for recheck in exp.rechecks:  # their own rows, right after the candidate's
+                print(experiment_line(recheck, metric), flush=True)
         elif e.kind == "waiting":
             print(f"the agent failed to propose {e.data['failures']} times in a row "
                   f"({e.data['reason'][:120]}); trying again in {e.data['seconds']:g} s", flush=True)
 
+    done = []
     try:
-        loop.run(ws, agent, max_experiments=args.max_experiments, on_event=on_event,
-                 noise_runs=args.noise_runs, z=args.z)
+        done = loop.run(ws, agent, max_experiments=args.max_experiments, on_event=on_event,
+                        noise_runs=args.noise_runs, z=args.z, recheck=args.recheck)
     except KeyboardInterrupt:
         bar.close()
         Workspace.open(path)  # undo the unfinished experiment
@@ -209,6 +225,8 @@ def cmd_loop(args) -> int:
         return 130
     finally:
         bar.close()
+    if args.recheck:
+        print(cost_line(done))
     chart = save_progress_chart(ws.results(), path / "progress.png", ws.metric, ws.direction)
     print(f"results: {ws.results_path}\nchart:   {chart}")
     return 0
@@ -285,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", help="scripted agent: JSON file of prepared edits")
     p.add_argument("--noise-runs", type=int, default=0, help="run the baseline K times to measure noise")
     p.add_argument("--z", type=float, default=2.0, help="noise-aware: keep only wins > z·σ")
+    p.add_argument("--no-recheck", dest="recheck", action="store_false",
+                   help="compare with the best's recorded val_bpb, however busy the machine was "
+                        "then (upstream's rule); by default the best is trained again beside a "
+                        "candidate when the machine's speed changed or the win is small")
     p.add_argument("--seed", type=int, default=0, help="offline agent's seed")
     p.set_defaults(func=cmd_loop)
 

@@ -28,19 +28,29 @@ HEAD, is a crash "tampered: ...", and the file is put back), and, before every e
 kit's code and the evaluation data as the workspace pinned them (a LoopError says what changed).
 See Workspace.hold and pins.py.
 
+Fair comparisons (`recheck=True`, the default; see fairness.py): with a fixed wall-clock budget
+val_bpb depends on how busy the machine is, so before a candidate is kept the incumbent (the best
+commit) is trained again right after it whenever the machine's speed changed, the model's size
+changed, or the win is small, and the decision is made on the pair. The re-run is its own row,
+status `recheck`, commit = the incumbent's, and its val_bpb becomes the best's reference
+(`Workspace.best()`). `recheck=False` is upstream's rule: keep whatever scores lower.
+
 Noise-aware mode (`noise_runs=k`): the baseline is trained k times to estimate the run-to-run
-spread σ of val_bpb; afterwards a change is kept only if it beats the best by more than z·σ,
-and an apparent win is confirmed by one re-run (the two are averaged).
+spread σ of val_bpb. With fair comparisons, σ sets the tie band: a change must beat the best by
+more than z·σ·√2 (the spread of a difference of two runs). Without them, a change is kept only if
+it beats the best by more than z·σ, and an apparent win is confirmed by one re-run of the
+candidate (the two are averaged).
 
 Any task. The same loop runs a workspace made for another task (`Workspace.create(path,
 task="fit-curve")`, tasks.py): each experiment commits the task's editable file(s), runs them
 with `tasks.run_task`, and judges the task's metric in its direction ("better" is lower, or
-higher for a task that maximizes; the noise margin z·σ follows it). Everything else is as above.
+higher for a task that maximizes; the noise margin and fair comparisons follow it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import statistics
@@ -53,6 +63,7 @@ from typing import Callable
 from . import sandbox
 from .agents import Proposal, ProposalError, State
 from .config import quick_mode
+from .fairness import Guard, Measurement, decisive
 from .records import write_atomic
 from .redact import redact
 from .runner import TrainResult, run_training
@@ -61,6 +72,7 @@ from .workspace import Workspace, one_line, storage_error
 
 log = logging.getLogger(__name__)
 NOISE_PREFIX = "baseline noise run"
+RECHECK = "recheck"  # the status (and agent) of a row that re-measured the incumbent
 NO_PROPOSAL = "proposal: "  # the reason of a crash row whose proposal failed (nothing trained)
 AGENT_ERROR = "agent error: "  # ... because of an unexpected exception in the agent
 MAX_AGENT_ERRORS = 3  # that many in a row: the agent is broken, not unlucky
@@ -78,7 +90,8 @@ class Event:
     kind: "experiment" (a new one starts), "proposal" (description, diff), "progress" (a
     runner.Progress), "line" (a log line), "result" (a TrainResult), "decision" (status,
     val_bpb, best), "waiting" (seconds, failures, reason: proposals keep failing, so `run`
-    pauses before the next), "stopped", "error".
+    pauses before the next), "recheck" (the incumbent trains again, as row `index`: commit,
+    why, headline, candidate: the experiment it is compared with), "stopped", "error".
     """
 
     kind: str
@@ -100,6 +113,8 @@ class Experiment:
     diff: str = ""
     result: TrainResult | None = None
     seconds: float = 0.0
+    extra_runs: int = 0  # runs beyond the candidate's first, for a fair decision
+    rechecks: list = field(default_factory=list)  # the incumbent's re-runs: Experiments, own rows
 
 
 def noise_sigma(rows: list[dict], metric: str = "val_bpb") -> float:
@@ -119,20 +134,28 @@ def beats(value: float, best: float, direction: str = "minimize", margin: float 
 
 def step(ws: Workspace, agent, on_event: Callable[[Event], None] | None = None,
          stop: threading.Event | None = None, noise_runs: int = 0, z: float = 2.0,
-         executor=None) -> Experiment:
+         executor=None, recheck: bool | Guard = True) -> Experiment:
     """Run exactly one experiment (the baseline if none ran yet) and record it.
 
     `executor` runs one experiment: for GPT `run_training(train_py, settings, run_dir, ...)`
-    (the default), for a task workspace `run_task(task, files, run_dir, ...)` (the default)."""
+    (the default), for a task workspace `run_task(task, files, run_dir, ...)` (the default).
+    recheck: True judges the candidate against the incumbent under the same conditions (the
+    module docstring), a fairness.Guard does so with its thresholds, False is upstream's rule.
+    """
     with _holding(ws):
         _check_pins(ws)
-        return _step(ws, agent, on_event or (lambda e: None), stop, noise_runs, z, executor)
+        return _step(ws, agent, on_event or (lambda e: None), stop, noise_runs, z, executor, recheck)
 
 
 def run(ws: Workspace, agent, max_experiments: int | None = None,
         stop: threading.Event | None = None, on_event: Callable[[Event], None] | None = None,
-        noise_runs: int = 0, z: float = 2.0, executor=None) -> list[Experiment]:
-    """Run experiments until `max_experiments` are done (None: forever) or `stop` is set."""
+        noise_runs: int = 0, z: float = 2.0, executor=None,
+        recheck: bool | Guard = True) -> list[Experiment]:
+    """Run experiments until `max_experiments` are done (None: forever) or `stop` is set.
+
+    Re-checks of the incumbent don't count as experiments: they are in their candidate's
+    `Experiment.rechecks`, and `recheck_cost(done)` sums them up.
+    """
     emit = on_event or (lambda e: None)
     done: list[Experiment] = []
     with _holding(ws):
@@ -140,7 +163,7 @@ def run(ws: Workspace, agent, max_experiments: int | None = None,
             if stop is not None and stop.is_set():
                 break
             _check_pins(ws)
-            exp = _step(ws, agent, emit, stop, noise_runs, z, executor)
+            exp = _step(ws, agent, emit, stop, noise_runs, z, executor, recheck)
             if exp.status == "stopped":
                 break
             done.append(exp)
@@ -183,7 +206,7 @@ def _check_pins(ws: Workspace) -> None:
         raise LoopError(problem)
 
 
-def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
+def _step(ws, agent, emit, stop, noise_runs, z, executor, recheck=True) -> Experiment:
     t0 = time.time()
     rows, index = ws.results(), ws.next_index()
     best = ws.best()
@@ -212,6 +235,10 @@ def _step(ws, agent, emit, stop, noise_runs, z, executor) -> Experiment:
     result = _train(ws, index, emit, stop, executor)
     if result.status == "stopped":
         return _stopped(ws, index, emit, best, proposal.description)
+    if recheck:
+        guard = _guard(recheck, rows, z, ws.metric)
+        return _decide_fairly(ws, index, emit, stop, executor, guard, rows, best, agent, proposal,
+                              commit, result, t0)
     sigma, direction = noise_sigma(rows, ws.metric), ws.direction
     val = _value(ws, result)
     if result.ok and sigma and beats(val, best[1], direction, z * sigma):  # confirm a win once
@@ -246,6 +273,119 @@ def _tampered(ws: Workspace, exp: Experiment) -> bool:
         exp.reason = "tampered: " + "; ".join(problems)
         log.warning("experiment %d: %s", exp.index, exp.reason)
     return bool(problems)
+
+
+def recheck_cost(done: list[Experiment]) -> dict:
+    """What fair comparisons cost over `done` (what `run` returned): extra runs, per kept change."""
+    extra = sum(e.extra_runs for e in done)
+    kept = sum(e.status == "keep" and e.best_before is not None for e in done)  # not the baseline
+    return {"experiments": len(done), "kept": kept, "rechecks": sum(len(e.rechecks) for e in done),
+            "extra_runs": extra, "per_kept": extra / kept if kept else float(extra)}
+
+
+def _guard(recheck: bool | Guard, rows: list[dict], z: float, metric: str = "val_bpb") -> Guard:
+    """The guard for this decision: the caller's thresholds, with σ from noise_runs if measured."""
+    guard = recheck if isinstance(recheck, Guard) else Guard()
+    sigma = noise_sigma(rows, metric)
+    return dataclasses.replace(guard, sigma=sigma, z=z) if sigma else guard
+
+
+def _sign(ws) -> int:
+    """Fairness scores are "lower is better": a metric to maximize is negated for them."""
+    return -1 if ws.direction == "maximize" else 1
+
+
+def _reference(ws, rows: list[dict], best: tuple[str, float]) -> Measurement:
+    """The incumbent's last measurement (its keep row, or a later recheck row) and its conditions."""
+    mine = [r for r in rows if r["commit"] == best[0] and r["status"] in ("keep", RECHECK)]
+    sign = _sign(ws)
+    reference = Measurement.of_row(mine[-1], ws.metric, sign) if mine else Measurement(sign * best[1])
+    reference.value = sign * best[1]  # a noise-aware baseline's keep row holds the mean of its runs
+    return reference
+
+
+def _decide_fairly(ws, index, emit, stop, executor, guard: Guard, rows, best, agent, proposal,
+                   commit, result, t0) -> Experiment:
+    """Judge the candidate against the incumbent under the same conditions (see fairness.py):
+    train the incumbent again (rows index+1, ...) when the guard asks, then decide on the pair."""
+    reference = _reference(ws, rows, best)
+    runs = _fair_runs(ws, index, emit, stop, executor, guard, rows, best, reference, result)
+    if runs is None:
+        return _stopped(ws, index, emit, best, proposal.description)
+    exp = _fair_experiment(ws, index, commit, proposal, guard, best, reference, runs, t0)
+    return _record(ws, index, emit, exp, best, getattr(agent, "name", "?"), proposal)
+
+
+def _fair_experiment(ws, index, commit, proposal, guard: Guard, best, reference: Measurement, runs,
+                     t0) -> Experiment:
+    """The candidate's Experiment from its runs and the incumbent's, with the re-checks' rows."""
+    (candidate, measured), (reruns, remeasured) = runs["candidate"], runs["incumbent"]
+    crashed = [r for r in candidate if not r.ok]  # a crash of its second run is its crash too
+    if crashed:
+        shown, verdict = crashed[0], None
+    else:
+        shown = candidate[measured.index(decisive(measured))]
+        verdict = guard.decide(reference, measured, remeasured)
+    status = "crash" if verdict is None else "keep" if verdict.keep else "discard"
+    reason = shown.reason if verdict is None else verdict.reason
+    if reruns and verdict is not None:
+        reason = f"against the best's re-run {' and '.join(f'#{index + 1 + k}' for k in range(len(reruns)))}: {reason}"
+    ran = [m for m in remeasured if m.ok]
+    against = min(ran, key=lambda m: m.value) if ran else reference
+    seconds = time.time() - t0 - sum(r.wall_seconds for r in reruns)  # theirs are in their rows
+    sign = _sign(ws)
+    exp = Experiment(index, commit, proposal.description, status, _value(ws, shown), sign * against.value,
+                     reason, proposal.diff, shown, seconds, extra_runs=len(candidate) + len(reruns) - 1)
+    exp.rechecks = [_recheck_experiment(ws, index, k, best, reference, rerun, why)
+                    for k, (rerun, why) in enumerate(zip(reruns, runs["why"]))]
+    return exp
+
+
+def _fair_runs(ws, index, emit, stop, executor, guard: Guard, rows, best, reference,
+               result) -> dict | None:
+    """Train what the guard asks for beside the candidate's first run; None if the user stopped.
+
+    Returns {"candidate": (results, measurements), "incumbent": (results, measurements),
+    "why": why each incumbent run was made}.
+    """
+    sign = _sign(ws)
+    runs = {"candidate": ([result], [Measurement.of_result(result, sign)]), "incumbent": ([], []),
+            "why": []}
+    while plan := guard.next_run(reference, runs["candidate"][1], runs["incumbent"][1]):
+        what, why = plan
+        if what == "incumbent":  # rows index+1, index+2: right after the candidate's own
+            runs["why"].append(why)
+            row = index + len(runs["why"])
+            emit(Event("recheck", row, {"commit": best[0], "why": why, "candidate": index,
+                                        "headline": _headline(why, rows, best)}))
+            again = _train(ws, row, emit, stop, executor, commit=best[0])
+        else:  # the pair saw two machines: the candidate again, as the same row
+            again = _train(ws, index, emit, stop, executor, again=True)
+        if again.status == "stopped":
+            return None
+        runs[what][0].append(again)
+        runs[what][1].append(Measurement.of_result(again, sign))
+    return runs
+
+
+def _recheck_experiment(ws, index, k, best, reference: Measurement, result: TrainResult,
+                        why: str) -> Experiment:
+    """The row of the incumbent's k-th re-run for #index: its commit, the new measurement, why."""
+    status = RECHECK if result.ok else "crash"
+    reason = why if result.ok else f"{why}; the re-run crashed: {result.reason}"
+    return Experiment(index + 1 + k, best[0], f"{RECHECK} {best[0]}: the best so far, trained again "
+                      f"beside #{index}", status, _value(ws, result) if result.ok else None,
+                      _sign(ws) * reference.value, reason, "", result, result.wall_seconds)
+
+
+def _headline(why: str, rows: list[dict], best) -> str:
+    """The re-check's reason in a few words, for a status line."""
+    kept = [r for r in rows if r["status"] == "keep"]
+    what = "the baseline" if len(kept) == 1 else f"the best ({best[0]})"
+    for word in ("busier", "quieter"):
+        if f"machine {word}" in why:
+            return f"machine {word} than during {what}: re-checking"
+    return f"{why.split(' (')[0]}: re-checking {what}"
 
 
 def _usable(proposal) -> Proposal:
@@ -327,14 +467,24 @@ def _value(ws, result: TrainResult) -> float | None:
     return result.metric if ws.is_task else result.val_bpb
 
 
-def _train(ws, index, emit, stop, executor) -> TrainResult:
+def _train(ws, index, emit, stop, executor, commit: str | None = None,
+           again: bool = False) -> TrainResult:
+    """Run the workspace's editable files (those of `commit`: the incumbent, for a re-check) as
+    row `index`: runs/NNNN, logs/NNNN.log. For GPT `run_training(train_py, settings, ...)`, for a
+    task `run_task(task, files, ...)`, unless `executor` is given.
+
+    again: the same row's second run; its log goes after the first one's in logs/NNNN.log.
+    """
+    files = ws.files() if commit is None else {name: ws.show(commit, name) for name in ws.editable}
     if ws.is_task:  # the task's editable files, run by its command (tasks.run_task)
-        first, second = ws.task, ws.files()
+        first, second = ws.task, files
         executor = executor or run_task
     else:
-        first, second = ws.train_py, ws.settings
+        first, second = files["train.py"], ws.settings
         second.checkpoint = None  # experiments are judged by their number, not kept as models
         executor = executor or run_training
+    log = ws.log_path(index)
+    first_log = log.read_text(errors="replace") if again and log.exists() else None
     result = executor(first, second, ws.path / "runs" / f"{index:04d}",
                       on_progress=lambda p: emit(Event("progress", index, {"progress": p})),
                       on_line=lambda line: emit(Event("line", index, {"line": redact(line)})), stop=stop,
@@ -344,7 +494,9 @@ def _train(ws, index, emit, stop, executor) -> TrainResult:
     result.reason, result.error_tail = redact(result.reason), redact(result.error_tail)
     log = ws.log_path(index)
     text = log.read_text(errors="replace") if log.exists() else ""
-    if redact(text) != text:
+    if first_log is not None:  # the second run of the row: after the first one's log
+        text = f"{first_log}\n=== the same code, run again ===\n{text}"
+    if redact(text) != text or first_log is not None:
         write_atomic(log, redact(text).encode())
     emit(Event("result", index, {"result": result}))
     return result
@@ -359,11 +511,28 @@ def _stopped(ws, index, emit, best, description) -> Experiment:
 
 def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
             proposal: Proposal | None = None) -> Experiment:
-    """Write the row first, then undo a non-kept commit: a kill in between is repaired on open."""
+    """Write the row (and its re-checks') first, then undo a non-kept commit: a kill in between
+    is repaired on open."""
     tampered = _tampered(ws, exp)
-    r = exp.result
     usage = proposal.usage if proposal else {}
-    ws.append_result({
+    ws.append_result(_row(ws, exp, agent_name, usage))
+    for recheck in exp.rechecks:  # after the candidate's row: rows and logs/NNNN.log stay in step
+        ws.append_result(_row(ws, recheck, RECHECK, {}))
+    if exp.status != "keep" and best is not None:
+        ws.reset_to(best[0])
+    elif tampered and best is None:  # the baseline's own run moved HEAD: back to the baseline
+        ws.reset_to(exp.commit)
+    emit(Event("decision", index, {"status": exp.status, "val_bpb": exp.val_bpb, "metric": ws.metric,
+                                   "best": best[1] if best else None, "commit": exp.commit,
+                                   "description": exp.description, "reason": exp.reason,
+                                   "experiment": exp}))
+    return exp
+
+
+def _row(ws, exp: Experiment, agent_name: str, usage: dict) -> dict:
+    """An experiment as a results.tsv row, with the conditions it ran under."""
+    r = exp.result
+    return {
         "commit": exp.commit, ws.metric: exp.val_bpb or 0.0,
         "memory_gb": r.memory_gb if r and exp.status != "crash" else 0.0,
         "status": exp.status, "description": exp.description,
@@ -374,13 +543,4 @@ def _record(ws, index, emit, exp: Experiment, best, agent_name: str,
         "tok_per_sec": r.tokens_per_second if r else None,
         "params_M": r.num_params_M if r else None,
         "flops_per_token": r.flops_per_token if r else None,
-        "load": r.load_avg if r else None, "sandbox": r.sandbox if r else None})
-    if exp.status != "keep" and best is not None:
-        ws.reset_to(best[0])
-    elif tampered and best is None:  # the baseline's own run moved HEAD: back to the baseline
-        ws.reset_to(exp.commit)
-    emit(Event("decision", index, {"status": exp.status, "val_bpb": exp.val_bpb, "metric": ws.metric,
-                                   "best": best[1] if best else None, "commit": exp.commit,
-                                   "description": exp.description, "reason": exp.reason,
-                                   "experiment": exp}))
-    return exp
+        "load": r.load_avg if r else None, "sandbox": r.sandbox if r else None}

@@ -19,8 +19,14 @@ def metric_of(rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict], metric: str | None = None, direction: str = "minimize") -> dict:
-    """Counts and the best result of a run's results.tsv rows (improvement > 0: it got better)."""
+    """Counts and the best result of a run's results.tsv rows (improvement > 0: it got better).
+
+    `recheck` rows (the best trained again, for a fair comparison) are counted apart: they are
+    not experiments.
+    """
     metric = metric or metric_of(rows)
+    rechecks = sum(r["status"] == "recheck" for r in rows)
+    rows = [r for r in rows if r["status"] != "recheck"]
     kept = [r for r in rows if r["status"] == "keep"]
     ok = [r for r in rows if r["status"] != "crash"]
     pick = max if direction == "maximize" else min
@@ -29,7 +35,7 @@ def summary(rows: list[dict], metric: str | None = None, direction: str = "minim
     gain = (best - first if direction == "maximize" else first - best) if kept else 0.0
     return {"experiments": len(rows), "kept": len(kept), "crashed": len(rows) - len(ok),
             "keep_rate": len(kept) / len(rows) if rows else 0.0, "baseline": first, "best": best,
-            "improvement": gain}
+            "improvement": gain, "rechecks": rechecks}
 
 
 def axis_label(metric: str, direction: str = "minimize") -> str:
@@ -40,7 +46,8 @@ def axis_label(metric: str, direction: str = "minimize") -> str:
 
 def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: str = "#2ca02c",
                    annotate: bool = True, metric: str | None = None, direction: str = "minimize"):
-    """Discarded experiments as grey dots, kept ones as green dots, the running best as a step line.
+    """Discarded experiments as grey dots, kept ones as green dots, the running best as a step line,
+    re-checks of the best (trained again for a fair comparison) as orange rings.
 
     Crashes are left out (their metric is 0). Pass `ax` and `label` to draw two runs on one chart.
     """
@@ -50,9 +57,13 @@ def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: s
     xs = [i for i, r in enumerate(rows) if r["status"] != "crash"]
     disc = [(i, rows[i][metric]) for i in xs if rows[i]["status"] == "discard"]
     kept = [(i, rows[i][metric]) for i in xs if rows[i]["status"] == "keep"]
+    rechecked = [(i, rows[i][metric]) for i in xs if rows[i]["status"] == "recheck"]
     if disc:
         ax.scatter(*zip(*disc), c="#bbbbbb", s=18, alpha=0.8, zorder=2,
                    label=None if label else "discarded")
+    if rechecked:
+        ax.scatter(*zip(*rechecked), facecolors="none", edgecolors="#d9822b", s=40, zorder=3,
+                   label=None if label else "best, trained again")
     if kept:
         ax.scatter(*zip(*kept), c=color, s=50, edgecolors="black", linewidths=0.5, zorder=4,
                    label=f"{label} (kept)" if label else "kept")

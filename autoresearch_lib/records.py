@@ -33,7 +33,8 @@ RESULTS_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "t
                    "sig"]  # the loop's HMAC of the row: rows it did not write are refused
 UPSTREAM_COLUMNS = RESULTS_COLUMNS[:5]  # what karpathy/autoresearch writes and its tools read
 HEADER = "\t".join(RESULTS_COLUMNS) + "\n"
-STATUSES = ("keep", "discard", "crash")
+STATUSES = ("keep", "discard", "crash",
+            "recheck")  # the incumbent trained again for a fair comparison (see fairness.py)
 MAX_REJECTED = 1000  # lines kept in results.rejected.tsv per rejection
 METRIC_FORMAT = "{:.6g}"  # a task's metric (val_bpb keeps upstream's {:.6f})
 

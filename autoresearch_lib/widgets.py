@@ -12,9 +12,12 @@ so the dashboard can be driven and tested without a browser:
     state  experiments  last_event  error
 
 Stop kills the training run within seconds; that experiment is undone and not recorded, and
-Start resumes. Approval mode wraps the chosen agent in a HumanAgent whose callback waits, on the
-loop's thread (never on stdin), for Accept or Reject; a rejected proposal becomes a crash row,
-"rejected by the instructor", as any failed proposal does.
+Start resumes. "fair comparisons" (on by default; `recheck=False` turns it off) trains the best
+again beside a candidate when the machine's speed changed or the win is small (loop.py); the
+status line says so while it happens, and afterwards counts the extra runs per kept change.
+Approval mode wraps the chosen agent in a HumanAgent whose callback waits, on the loop's thread
+(never on stdin), for Accept or Reject; a rejected proposal becomes a crash row, "rejected by
+the instructor", as any failed proposal does.
 
 A typed API key is taken out of its Password field as soon as the agent is built: it lives in this
 process's memory only, never in a widget value a saved notebook could keep, in results.tsv or in
@@ -77,7 +80,7 @@ def results_html(rows: list[dict], last: int = TABLE_ROWS) -> str:
     """The last rows of results.tsv as an HTML table (status coloured)."""
     if not rows:
         return "<i>results.tsv is empty: the first experiment is the unmodified baseline.</i>"
-    colours = {"keep": "#11771a", "discard": "#777777", "crash": "#bb1111"}
+    colours = {"keep": "#11771a", "discard": "#777777", "crash": "#bb1111", "recheck": "#b35c00"}
     metric = metric_of(rows)  # val_bpb, or a task's metric
     head = "".join(f"<th style='text-align:left; padding:0 6px'>{c}</th>"
                    for c in ("#", "commit", metric, "memory_gb", "status", "description"))
@@ -113,7 +116,8 @@ def chart_png(rows: list[dict]) -> bytes:
 class Dashboard:
     """Controls and live views of one workspace's research loop (see the module docstring)."""
 
-    def __init__(self, workspace, agent=None, executor=None, max_experiments: int = 10):
+    def __init__(self, workspace, agent=None, executor=None, max_experiments: int = 10,
+                 recheck: bool = True):
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         self.given_agent = agent  # offered first in the chooser when given
         self.executor = executor  # what trains one train.py: loop.run's `executor`
@@ -129,14 +133,14 @@ class Dashboard:
         self._log: deque[str] = deque(maxlen=LOG_LINES)
         self._last: dict[str, float] = {}  # throttling: what -> when it was last redrawn
         self._rows: list[dict] = []
-        self._build(max_experiments)
+        self._build(max_experiments, recheck)
         self._refresh_results(force=True)
         self._set_state(IDLE, self._summary())
 
     def _repr_mimebundle_(self, **kwargs):  # a cell ending in `dashboard` shows the widgets
         return self.widget._repr_mimebundle_(**kwargs)
 
-    def _build(self, max_experiments: int) -> None:
+    def _build(self, max_experiments: int, recheck: bool) -> None:
         env = os.environ
         # the time a run gets: GPT's training budget (settable until the baseline ran), or a
         # task's timeout (fixed by its task.toml)
@@ -147,6 +151,9 @@ class Dashboard:
             choices.insert(0, (f"given: {self.given_agent!r}"[:60], "given"))
         self.agent_choice = w.Dropdown(options=choices, description="agent")
         self.approval = w.Checkbox(False, description="approve each proposal", indent=False)
+        self.fair = w.Checkbox(recheck, description="fair comparisons", indent=False,
+                               tooltip="train the best again beside a candidate when the machine's "
+                                       "speed changed or the win is small")
         self.model = w.Text(env.get("OPENAI_MODEL") or DEFAULT_MODEL, description="model")
         self.base_url = w.Text(env.get("OPENAI_BASE_URL", ""), description="base URL",
                                placeholder="OpenAI if empty; Ollama: http://localhost:11434/v1",
@@ -188,7 +195,7 @@ class Dashboard:
         self.widget = w.VBox([
             w.HTML(f"<b>autoresearch</b> · {html.escape(str(self.ws.path))} · branch "
                    f"<code>{html.escape(self.ws.branch)}</code> · {html.escape(self._what())}"),
-            w.HBox([self.agent_choice, self.approval]), self.openai_box, self.edits,
+            w.HBox([self.agent_choice, self.approval, self.fair]), self.openai_box, self.edits,
             w.HBox([self.budget, self.max_experiments]),
             w.HBox([self.start_button, self.stop_button, self.step_button, self.progress]),
             self.status, self.approval_box,
@@ -210,12 +217,13 @@ class Dashboard:
         limit = self.max_experiments.value or None
         return self._launch(lambda agent: loop.run(self.ws, agent, max_experiments=limit,
                                                    stop=self._stop, on_event=self._on_event,
-                                                   executor=self.executor))
+                                                   executor=self.executor, recheck=self.fair.value))
 
     def step(self) -> bool:
         """Run exactly one experiment in the background (for demos), then go back to idle."""
         return self._launch(lambda agent: loop.step(self.ws, agent, on_event=self._on_event,
-                                                    stop=self._stop, executor=self.executor))
+                                                    stop=self._stop, executor=self.executor,
+                                                    recheck=self.fair.value))
 
     def stop(self) -> bool:
         """Stop the loop: the training run is killed and its experiment undone, not recorded."""
@@ -383,6 +391,11 @@ class Dashboard:
         self._set_status(f"experiment #{e.index}: <b>{e.data['status']}</b> (val_bpb {bpb}) · "
                          f"{html.escape(e.data['description'])}")
 
+    def _on_recheck(self, e) -> None:
+        self.progress.value = 0
+        self._set_status(f"experiment #{e.data['candidate']}: {html.escape(e.data['headline'])} "
+                         f"(training {e.data['commit']} again as #{e.index}: {html.escape(e.data['why'])})")
+
     def _on_waiting(self, e) -> None:
         self._set_status(f"the agent failed {e.data['failures']} times in a row "
                          f"({html.escape(e.data['reason'][:120])}): asking again in "
@@ -419,6 +432,10 @@ class Dashboard:
         text = f"{n} experiment{'s' * (n != 1)}, {s['kept']} kept, {s['crashed']} crashed"
         if s["best"] is not None:
             text += f", best val_bpb {s['best']:.6f} (baseline {s['baseline']:.6f})"
+        cost = loop.recheck_cost(self.experiments)
+        if cost["extra_runs"]:
+            text += (f" · fair comparisons: {cost['extra_runs']} extra run(s), "
+                     f"{cost['per_kept']:.1f} per kept change")
         return text
 
     def _set_status(self, text: str, error: bool = False) -> None:
@@ -436,7 +453,7 @@ class Dashboard:
         self.stop_button.disabled = self.state in (IDLE, STOPPING)
         self.accept_button.disabled = not waiting or self._pending is None
         self.reject_button.disabled = not waiting
-        for control in (self.agent_choice, self.approval, self.model, self.base_url,
+        for control in (self.agent_choice, self.approval, self.fair, self.model, self.base_url,
                         self.key_from_env, self.edits, self.max_experiments):
             control.disabled = busy
         self.api_key.disabled = busy or self.key_from_env.value

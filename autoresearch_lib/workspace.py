@@ -504,6 +504,10 @@ class Workspace:
         """Throw away everything after `commit` (the undo of a discarded experiment)."""
         self._git("reset", "-q", "--hard", commit)
 
+    def show(self, commit: str, name: str = "train.py") -> str:
+        """The text of a tracked file as it was at `commit` (the incumbent's train.py, to re-run it)."""
+        return self._git("show", f"{commit}:{name}")
+
     def diff(self, a: str, b: str | None = None) -> str:
         """Unified diff of the editable file(s) from commit `a` to `b` (or to the files on disk)."""
         return self._git("diff", a, *([b] if b else []), "--", *self.editable)
@@ -550,16 +554,22 @@ class Workspace:
         return len(self.results())
 
     def best(self) -> tuple[str, float] | None:
-        """(commit, metric) of the best kept experiment, or None before the baseline ran.
+        """(commit, metric) of the incumbent, or None before the baseline ran.
 
-        Best: the lowest val_bpb, or the task's metric in its direction (highest to maximize)."""
-        kept = [r for r in self.results() if r["status"].strip().lower() == "keep"]
+        The incumbent is the last kept commit, the tip of the branch (each keep beat the one
+        before; ties are discarded); its number is its latest measurement: a `recheck` row after
+        its keep row measured it again, under the conditions of that time (see fairness.py).
+        The metric is val_bpb, or the task's (better in the task's direction).
+        """
+        rows, metric = self.results(), self.metric
+        kept = [i for i, r in enumerate(rows) if r["status"].strip().lower() == "keep"]
         if not kept:
             return None
-        metric = self.metric
-        pick = max if self.direction == "maximize" else min
-        row = pick(kept, key=lambda r: r[metric])  # ties: the earliest
-        return row["commit"], row[metric]
+        commit, value = rows[kept[-1]]["commit"], rows[kept[-1]][metric]
+        for r in rows[kept[-1] + 1:]:
+            if r["status"].strip().lower() == "recheck" and r["commit"] == commit:
+                value = r[metric]
+        return commit, value
 
     def restore_results(self, during: str = "the run") -> str | None:
         """Put results.tsv and its key back as this loop left them, if anything else changed them.
