@@ -495,7 +495,7 @@ def _train(ws, index, emit, stop, executor, commit: str | None = None,
     log = ws.log_path(index)
     text = log.read_text(errors="replace") if log.exists() else ""
     if first_log is not None:  # the second run of the row: after the first one's log
-        text = f"{first_log}\n=== the same code, run again ===\n{text}"
+        text = f"{first_log}\n=== the same code, trained again ===\n{text}"
     if redact(text) != text or first_log is not None:
         write_atomic(log, redact(text).encode())
     emit(Event("result", index, {"result": result}))

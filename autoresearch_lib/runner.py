@@ -421,7 +421,7 @@ def _score(result, script_text, settings, prepared, run_dir, use_sandbox, say) -
         for line in [*server_lines[-20:], f"scoring failed: {e}"]:
             say(line)
         return
-    result.val_bpb = result.metric = scored.val_bpb
+    result.val_bpb = result.metric = round(scored.val_bpb, 6)  # as results.tsv and the log say it
     say(f"scored by the runner: {scored.spot_checks} spot checks, largest gap "
         f"{scored.largest_gap:.2g} nats, {scored.seconds:.1f}s")
     result.eval_seconds = scored.seconds

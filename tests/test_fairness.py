@@ -153,11 +153,11 @@ class Machine:
         self.busy, self.outcomes, self.runs = list(busy), dict(outcomes or {}), []
 
     def __call__(self, script_text, settings, run_dir, on_progress=None, on_line=None,
-                 timeout=None, stop=None):
+                 timeout=None, stop=None, log_path=None):
         n = len(self.runs)
         busy = self.busy[min(n, len(self.busy) - 1)]
         self.runs.append((script_text, busy, Path(run_dir).name))
-        log = Path(run_dir) / "run.log"
+        log = Path(log_path or Path(run_dir) / "run.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(f"pretend run {n}, machine {busy:.0%} busy\n")
         result = TrainResult(run_dir=str(run_dir), log_path=str(log), num_params_M=1.0,
