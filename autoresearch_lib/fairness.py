@@ -20,10 +20,14 @@ certain, so its tie band is wider (`tie_unsteady`). `Guard` decides:
   about the machine) and it wins; not for a win within `margin` of the tie band (a load change
   too small to see in the throughput can explain that much).
 - `judge(candidate, incumbent)`: keep when the candidate beats the incumbent by more than the
-  tie band, the spread of two runs of the same code under the same conditions (`tie`, or
-  z·σ·√2 with σ from noise_runs; at least `tie_unsteady` for an unsteady run). The incumbent
-  is its re-run when there was one, else its last measurement. A parallel wave can call it for
-  each of its candidates against one re-run of the incumbent in the same wave.
+  tie band: the spread of two runs of the same code under the same conditions (`tie`, or
+  z·σ·√2 with σ from noise_runs; at least `tie_unsteady` for an unsteady run), plus, if the
+  candidate ran faster (the same model), what that extra speed is worth at the steepest
+  measured (`margin` per `speed`). The incumbent is its re-run when there was one, else its
+  last measurement. A parallel wave can call it for each of its candidates against one re-run
+  of the incumbent in the same wave. The price: a change whose only merit is speed must win by
+  more than speed alone usually gives, since one run of each can't tell a faster train.py from
+  a quieter machine.
 - `next_run`: which run the decision needs next, or none. The incumbent again, as above. Then,
   when the candidate won the pair while running more than `speed` faster than the incumbent's
   re-run (the same model), a burst of other work may have slowed one of the two: both run once
@@ -133,19 +137,24 @@ class Guard:
     sigma: float = 0.0  # run-to-run spread of one score, from noise_runs (absolute)
     z: float = 2.0  # with sigma: the tie band is z·σ·√2, the spread of a difference of two runs
 
-    def tie_band(self, reference: float, *runs: Measurement) -> float:
-        """Score differences up to this are noise, not a change, for a comparison of `runs`."""
-        band = self.z * self.sigma * math.sqrt(2) if self.sigma > 0 else self.tie * abs(reference)
-        if any(m.jitter > self.unsteady for m in runs):
-            band = max(band, self.tie_unsteady * abs(reference))
+    def tie_band(self, incumbent: Measurement, candidate: Measurement, speed: bool = True) -> float:
+        """How much better than `incumbent` the candidate must score to count as better: noise,
+        wider for unsteady runs, plus (speed=True) what its extra speed, if any, is worth."""
+        size = abs(incumbent.value)
+        band = self.z * self.sigma * math.sqrt(2) if self.sigma > 0 else self.tie * size
+        if max(incumbent.jitter, candidate.jitter) > self.unsteady:
+            band = max(band, self.tie_unsteady * size)
+        ratio = speed_ratio(incumbent, candidate)
+        if speed and ratio is not None and ratio > 1:  # the steepest measured: margin per `speed`
+            band += self.margin / self.speed * math.log(ratio) * size
         return band
 
     def why_recheck(self, reference: Measurement, candidate: Measurement) -> str | None:
         """Why the incumbent must run again before `candidate` is judged, or None."""
         if not (candidate.ok and reference.ok):
             return None
-        gain = reference.value - candidate.value
-        tie = self.tie_band(reference.value, reference, candidate)
+        # without the speed allowance: a win on a quieter machine is re-checked, not guessed at
+        gain, tie = reference.value - candidate.value, self.tie_band(reference, candidate, speed=False)
         ratio = speed_ratio(reference, candidate)
         if same_size(reference, candidate) is False:
             if gain > tie:
@@ -168,18 +177,18 @@ class Guard:
         during one run), unless the change itself makes training faster."""
         ratio = speed_ratio(rerun, candidate)
         return (candidate.ok and rerun.ok and ratio is not None and ratio > 1 + self.speed
-                and rerun.value - candidate.value > self.tie_band(rerun.value, rerun, candidate))
+                and rerun.value - candidate.value > self.tie_band(rerun, candidate))
 
     def judge(self, candidate: Measurement, incumbent: Measurement) -> Verdict:
         """Keep the candidate if it beats the incumbent by more than the tie band."""
         if not incumbent.ok:
             return Verdict(False, 0.0, 0.0, "the best crashed when it ran again, so there is no fair "
                            "comparison: discarded to be safe (see the re-check's log)")
-        gain = incumbent.value - candidate.value
-        tie = self.tie_band(incumbent.value, incumbent, candidate)
-        shaky = max(incumbent.jitter, candidate.jitter)
-        band = f"the tie band of {_pct(tie, incumbent)}" + (
-            f" (wide: the speed varied {shaky:.0%} from step to step)" if shaky > self.unsteady else "")
+        gain, tie = incumbent.value - candidate.value, self.tie_band(incumbent, candidate)
+        shaky, ratio = max(incumbent.jitter, candidate.jitter), speed_ratio(incumbent, candidate) or 1
+        notes = ([f"the speed varied {shaky:.0%} from step to step"] if shaky > self.unsteady else []) + (
+            [f"it ran {ratio - 1:.0%} faster"] if ratio > 1 + self.speed / 5 else [])
+        band = f"the tie band of {_pct(tie, incumbent)}" + (f" ({'; '.join(notes)})" if notes else "")
         if gain > tie:
             return Verdict(True, gain, tie, f"better by {_pct(gain, incumbent)}, beyond {band}")
         if gain > 0:

@@ -1,6 +1,6 @@
 """Benchmark: fair comparisons on a busy machine (issue #14), with the guard on and off.
 
-    python bench/bench_fairness.py [--budget 4] [--calibrate 8] [--edits 6] [--repeats 3] [--hogs 6]
+    python bench/bench_fairness.py [--budget 4] [--calibrate 8] [--edits 6] [--repeats 3] [--hogs 3] [--alone 2]
 
 Part 1, calibration. The baseline train.py trains `--calibrate` times back to back on the machine
 as it is, then as many times with our own CPU hog (`--hogs` spinning processes) on for every other
@@ -56,11 +56,17 @@ HERE = Path(__file__).resolve().parent
 
 
 class Hog:
-    """`n` processes that spin on the CPU; paused and resumed with SIGSTOP / SIGCONT."""
+    """`n` processes that spin on the CPU; paused and resumed with SIGSTOP / SIGCONT.
+
+    Each in a session of its own: Linux shares the CPU between sessions first (autogroup), and
+    the runner starts training in a session of its own, so n processes in one session would
+    cost training at most half the CPU, however large n is.
+    """
 
     def __init__(self, n: int):
         spin = "while True: pass"
-        self.procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]
+        self.procs = [subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
+                      for _ in range(n)]
         self.on = True
 
     def set(self, on: bool) -> None:
@@ -153,24 +159,26 @@ def edits(n: int) -> list:
 
 
 def one_loop(root: Path, budget: float, n: int, hogs: int, recheck: bool, seed: int) -> dict:
-    ws = Workspace.create(root / f"loop-{'on' if recheck else 'off'}-{seed}", preset="quick",
+    """One loop: baseline with the hog on, then n edits while it comes and goes (hogs=0: no hog
+    at all, the machine as it is)."""
+    ws = Workspace.create(root / f"loop-{'on' if recheck else 'off'}-{hogs}-{seed}", preset="quick",
                           budget=budget, tag="bench")
     hog = Hog(hogs)  # on for the baseline
+    schedule = Schedule(hog, seed)
     t0 = time.time()
     try:
         loop.step(ws, ScriptedAgent([]))
-        schedule = Schedule(hog, seed)
-        schedule.start()
-        try:
-            done = loop.run(ws, ScriptedAgent(edits(n)), max_experiments=n, recheck=recheck)
-        finally:
-            schedule.done.set()
-            schedule.join()
+        if hogs:
+            schedule.start()
+        done = loop.run(ws, ScriptedAgent(edits(n)), max_experiments=n, recheck=recheck)
     finally:
+        schedule.done.set()
+        if schedule.is_alive():
+            schedule.join()
         hog.close()
     cost = loop.recheck_cost(done)
     real = [e for e in done if e.description == IMPROVEMENT[0]]
-    return {"recheck": recheck, "seed": seed, "experiments": len(done),
+    return {"recheck": recheck, "hog": bool(hogs), "seed": seed, "experiments": len(done),
             "false_keeps": sum(e.status == "keep" and e.description != IMPROVEMENT[0] for e in done),
             "real_kept": int(bool(real) and real[0].status == "keep"),
             "crashes": sum(e.status == "crash" for e in done),
@@ -203,7 +211,9 @@ def main() -> None:
     parser.add_argument("--calibrate", type=int, default=8, help="runs per calibration series (0: skip)")
     parser.add_argument("--edits", type=int, default=6, help="edits per loop (one real improvement)")
     parser.add_argument("--repeats", type=int, default=3, help="loops per mode")
-    parser.add_argument("--hogs", type=int, default=6, help="spinning processes in the hog")
+    parser.add_argument("--hogs", type=int, default=3, help="spinning processes in the hog")
+    parser.add_argument("--alone", type=int, default=0,
+                        help="also this many loops with the guard on and no hog: the machine as it is")
     parser.add_argument("--json", help="write the raw numbers here (default: bench/results/...)")
     args = parser.parse_args()
 
@@ -239,16 +249,25 @@ def main() -> None:
                 print(f"loop {i} recheck={recheck}: " + ", ".join(
                     f"{k} {fmt(v)}" for k, v in loops[-1].items() if k not in ("recheck", "seed", "rows"))
                     + " | " + " ".join(r["status"] for r in loops[-1]["rows"]), flush=True)
+        for i in range(args.alone):
+            loops.append(one_loop(Path(tmp), args.budget, args.edits, 0, True, seed=i))
+            print(f"loop {i} alone: " + ", ".join(
+                f"{k} {fmt(v)}" for k, v in loops[-1].items() if k not in ("recheck", "seed", "rows"))
+                + " | " + " ".join(r["status"] for r in loops[-1]["rows"]), flush=True)
         out["loops"] = loops
     print(f"\n## the loop: {args.edits} edits while the load comes and goes ({args.repeats} loops "
           "per mode; medians, and totals in brackets)\n")
     print("| guard | false keeps | improvement kept | extra runs | extra runs per experiment | "
           "extra runs per kept change | minutes per loop |\n|---|---|---|---|---|---|---|")
-    for recheck in (True, False):
-        rows = [r for r in loops if r["recheck"] is recheck]
+    modes = [(True, True, "on (default)"), (False, True, "off (--no-recheck)"),
+             (True, False, "on, no hog: the machine as it is")]
+    for recheck, hogged, name in modes:
+        rows = [r for r in loops if r["recheck"] is recheck and r["hog"] is hogged]
+        if not rows:
+            continue
         total = {k: sum(r[k] for r in rows) for k in ("false_keeps", "experiments", "real_kept",
                                                       "extra_runs")}
-        print(f"| {'on (default)' if recheck else 'off (--no-recheck)'} | "
+        print(f"| {name} | "
               f"{fmt(med(rows, 'false_keeps'))} ({total['false_keeps']} of "
               f"{total['experiments'] - len(rows)}) | {total['real_kept']} of {len(rows)} | "
               f"{fmt(med(rows, 'extra_runs'))} ({total['extra_runs']}) | "
