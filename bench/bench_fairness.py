@@ -9,7 +9,7 @@ run. From these runs come the numbers behind fairness.py's thresholds:
           must stay above it, or a quiet machine would look changed);
   slope   how much val_bpb moves per 1 % of speed (MARGIN: what a speed change too small for
           SPEED to catch can still move);
-  tie     how far apart the val_bpb of two runs at about the same speed (within SPEED) are, for
+  tie     how far apart the val_bpb of two runs is beyond what their speed gap explains, for
           steady runs (TIE) and for runs whose speed jumped about from step to step (TIE_UNSTEADY);
   jitter  how much the speed of each run varied from step to step (UNSTEADY).
 
@@ -48,7 +48,8 @@ from autoresearch_lib import data, loop  # noqa: E402
 from autoresearch_lib.agents import ScriptedAgent  # noqa: E402
 from autoresearch_lib.baseline import render_train_py  # noqa: E402
 from autoresearch_lib.config import make_settings  # noqa: E402
-from autoresearch_lib.fairness import SPEED, UNSTEADY, jitter  # noqa: E402
+from autoresearch_lib.fairness import (MARGIN, SPEED, TIE, TIE_UNSTEADY, UNSTEADY,  # noqa: E402
+                                       jitter)
 from autoresearch_lib.runner import run_training  # noqa: E402
 from autoresearch_lib.workspace import Workspace  # noqa: E402
 
@@ -128,12 +129,13 @@ def analyse(quiet: list[dict], mixed: list[dict]) -> dict:
     xs, ys = [math.log(r["tps"]) for r in runs], [r["val"] for r in runs]
     mx, my = statistics.mean(xs), statistics.mean(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    # any two runs within SPEED of each other's speed: steady (both) or not
+    # any two runs: how far apart their val_bpb is beyond what their speed gap explains
+    # (MARGIN/SPEED per unit of log speed), steady (both) or not; the tie bands must cover it
     ties = {"steady": [], "unsteady": []}
     for a, b in itertools.combinations(runs, 2):
-        if abs(b["tps"] / a["tps"] - 1) <= SPEED:
-            kind = "steady" if max(a["jitter"], b["jitter"]) <= UNSTEADY else "unsteady"
-            ties[kind].append(abs(b["val"] / a["val"] - 1))
+        kind = "steady" if max(a["jitter"], b["jitter"]) <= UNSTEADY else "unsteady"
+        allowance = MARGIN / SPEED * abs(math.log(b["tps"] / a["tps"]))
+        ties[kind].append(abs(b["val"] / a["val"] - 1) - allowance)
     out = {"speed_gap_median": statistics.median(speed_gaps), "speed_gap_max": max(speed_gaps),
            "val_per_speed_pct": -slope / my / 100,  # relative val change per 1 % more speed
            "steady_runs": sum(r["jitter"] <= UNSTEADY for r in runs), "runs": len(runs)}
@@ -237,10 +239,10 @@ def main() -> None:
                   f"{c['runs']} runs, hog on for every other one of the second half)")
             print(f"- steady runs (speed varied <= {UNSTEADY:.0%} from step to step): "
                   f"{c['steady_runs']} of {c['runs']}")
-            for kind in ("steady", "unsteady"):
-                print(f"- val_bpb of two {kind} runs within {SPEED:.0%} of speed "
-                      f"({c[f'tie_{kind}_pairs']} pairs): median gap {pct(c[f'tie_{kind}_median'])}, "
-                      f"largest {pct(c[f'tie_{kind}_max'])}")
+            for kind, band in (("steady", TIE), ("unsteady", TIE_UNSTEADY)):
+                print(f"- val_bpb of two {kind} runs, beyond what their speed gap explains "
+                      f"({c[f'tie_{kind}_pairs']} pairs): median {pct(c[f'tie_{kind}_median'])}, "
+                      f"largest {pct(c[f'tie_{kind}_max'])} (tie band {band:.1%})")
             print(flush=True)
         loops = []
         for i in range(args.repeats):
