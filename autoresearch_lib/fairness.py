@@ -70,7 +70,8 @@ class Measurement:
     tok_per_sec: float = 0.0
     params_M: float = 0.0
     flops_per_token: float = 0.0
-    load: float = 0.0  # the machine's load average at the end of the run
+    load: float = 0.0  # the machine's load average at the end of the run: recorded, not judged
+                       # (a 1-minute average lags a run of seconds and counts the run itself)
     jitter: float = 0.0  # step-to-step spread of its speed (coefficient of variation)
 
     @classmethod
