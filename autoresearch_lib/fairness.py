@@ -20,10 +20,14 @@ certain, so its tie band is wider (`tie_unsteady`). `Guard` decides:
   about the machine) and it wins; not for a win within `margin` of the tie band (a load change
   too small to see in the throughput can explain that much).
 - `judge(candidate, incumbent)`: keep when the candidate beats the incumbent by more than the
-  tie band, the spread of two runs of the same code under the same conditions (`tie`, or
-  z·σ·√2 with σ from noise_runs; at least `tie_unsteady` for an unsteady run). The incumbent
-  is its re-run when there was one, else its last measurement. A parallel wave can call it for
-  each of its candidates against one re-run of the incumbent in the same wave.
+  tie band: the spread of two runs of the same code under the same conditions (`tie`, or
+  z·σ·√2 with σ from noise_runs; at least `tie_unsteady` for an unsteady run), plus, if the
+  candidate ran faster (the same model), what that extra speed is worth at the steepest
+  measured (`margin` per `speed`). The incumbent is its re-run when there was one, else its
+  last measurement. A parallel wave can call it for each of its candidates against one re-run
+  of the incumbent in the same wave. The price: a change whose only merit is speed must win by
+  more than speed alone usually gives, since one run of each can't tell a faster train.py from
+  a quieter machine.
 - `next_run`: which run the decision needs next, or none. The incumbent again, as above. Then,
   when the candidate won the pair while running more than `speed` faster than the incumbent's
   re-run (the same model), a burst of other work may have slowed one of the two: both run once
@@ -44,12 +48,16 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-# measured on a shared 2-core CPU, quick preset (bench/bench_fairness.py, docs/benchmarks.md)
-SPEED = 0.05  # same model, throughput 5 % apart: another machine (quiet back-to-back runs: ≤ 4.7 %)
-TIE = 0.002  # scores 0.2 % apart are a tie (same code, same speed, steady runs: ≤ 0.09 %)
-UNSTEADY = 0.10  # step-to-step spread of speed above which the load changed during a run (steady: ≤ 0.10)
-TIE_UNSTEADY = 0.01  # ... and its tie band (same code, same average speed, unsteady: ≤ 0.72 %)
-MARGIN = 0.005  # wins up to 0.5 % above the tie band are re-checked (5 % of speed moves ≤ 0.5 %)
+# measured on a shared 2-core CPU, quick preset, 99 runs at loads 0.2-12 (bench/results/
+# fairness-calibration-2026-11-30.json, bench/bench_fairness.py, docs/benchmarks.md)
+SPEED = 0.05  # same model, throughput 5 % apart: another machine (a quiet one: within 4.7 %)
+MARGIN = 0.005  # wins up to 0.5 % above the tie band are re-checked: 5 % of speed moves val_bpb up
+                # to 0.5 %; margin/speed (0.1 % per 1 % of speed) also prices a faster candidate's
+                # extra speed, and covers every one of the 828 same-code pairs measured
+TIE = 0.002  # the same code at the same speed, steady runs: within the speed allowance alone
+UNSTEADY = 0.10  # speed varying more than this from step to step: the load changed during the run
+                 # (quiet runs: 0.03-0.08; under a constant load: 0.02-0.10)
+TIE_UNSTEADY = 0.01  # ... and its tie band (unsteady pairs: up to 0.58 % beyond the allowance)
 SIZE_TOLERANCE = 0.01  # parameters and FLOPs/token this close: the same model size
 WARMUP_STEPS = 2  # progress lines left out of the jitter: the first steps are slow anyway
 STEP_SPEED = re.compile(r"^step \d+ \(.*\| tok/sec: ([\d,]+(?:\.\d+)?)")  # runner's progress lines
@@ -63,7 +71,8 @@ class Measurement:
     tok_per_sec: float = 0.0
     params_M: float = 0.0
     flops_per_token: float = 0.0
-    load: float = 0.0  # the machine's load average at the end of the run
+    load: float = 0.0  # the machine's load average at the end of the run: recorded, not judged
+                       # (a 1-minute average lags a run of seconds and counts the run itself)
     jitter: float = 0.0  # step-to-step spread of its speed (coefficient of variation)
 
     @classmethod
@@ -136,19 +145,24 @@ class Guard:
     sigma: float = 0.0  # run-to-run spread of one score, from noise_runs (absolute)
     z: float = 2.0  # with sigma: the tie band is z·σ·√2, the spread of a difference of two runs
 
-    def tie_band(self, reference: float, *runs: Measurement) -> float:
-        """Score differences up to this are noise, not a change, for a comparison of `runs`."""
-        band = self.z * self.sigma * math.sqrt(2) if self.sigma > 0 else self.tie * abs(reference)
-        if any(m.jitter > self.unsteady for m in runs):
-            band = max(band, self.tie_unsteady * abs(reference))
+    def tie_band(self, incumbent: Measurement, candidate: Measurement, speed: bool = True) -> float:
+        """How much better than `incumbent` the candidate must score to count as better: noise,
+        wider for unsteady runs, plus (speed=True) what its extra speed, if any, is worth."""
+        size = abs(incumbent.value)
+        band = self.z * self.sigma * math.sqrt(2) if self.sigma > 0 else self.tie * size
+        if max(incumbent.jitter, candidate.jitter) > self.unsteady:
+            band = max(band, self.tie_unsteady * size)
+        ratio = speed_ratio(incumbent, candidate)
+        if speed and ratio is not None and ratio > 1:  # the steepest measured: margin per `speed`
+            band += self.margin / self.speed * math.log(ratio) * size
         return band
 
     def why_recheck(self, reference: Measurement, candidate: Measurement) -> str | None:
         """Why the incumbent must run again before `candidate` is judged, or None."""
         if not (candidate.ok and reference.ok):
             return None
-        gain = reference.value - candidate.value
-        tie = self.tie_band(reference.value, reference, candidate)
+        # without the speed allowance: a win on a quieter machine is re-checked, not guessed at
+        gain, tie = reference.value - candidate.value, self.tie_band(reference, candidate, speed=False)
         ratio = speed_ratio(reference, candidate)
         if same_size(reference, candidate) is False:
             if gain > tie:
@@ -171,18 +185,18 @@ class Guard:
         during one run), unless the change itself makes training faster."""
         ratio = speed_ratio(rerun, candidate)
         return (candidate.ok and rerun.ok and ratio is not None and ratio > 1 + self.speed
-                and rerun.value - candidate.value > self.tie_band(rerun.value, rerun, candidate))
+                and rerun.value - candidate.value > self.tie_band(rerun, candidate))
 
     def judge(self, candidate: Measurement, incumbent: Measurement) -> Verdict:
         """Keep the candidate if it beats the incumbent by more than the tie band."""
         if not incumbent.ok:
             return Verdict(False, 0.0, 0.0, "the best crashed when it ran again, so there is no fair "
                            "comparison: discarded to be safe (see the re-check's log)")
-        gain = incumbent.value - candidate.value
-        tie = self.tie_band(incumbent.value, incumbent, candidate)
-        shaky = max(incumbent.jitter, candidate.jitter)
-        band = f"the tie band of {_pct(tie, incumbent)}" + (
-            f" (wide: the speed varied {shaky:.0%} from step to step)" if shaky > self.unsteady else "")
+        gain, tie = incumbent.value - candidate.value, self.tie_band(incumbent, candidate)
+        shaky, ratio = max(incumbent.jitter, candidate.jitter), speed_ratio(incumbent, candidate) or 1
+        notes = ([f"the speed varied {shaky:.0%} from step to step"] if shaky > self.unsteady else []) + (
+            [f"it ran {ratio - 1:.0%} faster"] if ratio > 1 + self.speed / 5 else [])
+        band = f"the tie band of {_pct(tie, incumbent)}" + (f" ({'; '.join(notes)})" if notes else "")
         if gain > tie:
             return Verdict(True, gain, tie, f"better by {_pct(gain, incumbent)}, beyond {band}")
         if gain > 0:
