@@ -56,6 +56,13 @@ class OutputCapture:
         finally:
             os.close(self.fd)
 
+    def _show(self, line: str) -> None:
+        """Pass a line on; a failing callback must not stop the reading (the run would block)."""
+        try:
+            self.on_line(line)
+        except Exception:  # noqa: BLE001 - whatever the viewer's bug, the pipe must drain
+            self.on_line = None
+
     def _keep(self, line: str) -> None:
         if self.stopped:
             return
@@ -66,7 +73,7 @@ class OutputCapture:
             self.head.append(line)
             self.head_size += size
             if self.on_line:
-                self.on_line(line)
+                self._show(line)
             return
         # past the head: perhaps a flood. Keep a tail (redacted when read), and pass on only
         # progress and failure lines, plus a few others a second, so nothing downstream drowns
@@ -78,7 +85,7 @@ class OutputCapture:
         now = time.monotonic()
         if self.on_line and (line.startswith(("step ", "FAIL")) or now - self._shown >= 0.1):
             self._shown = now
-            self.on_line(redact(line, self._secrets))
+            self._show(redact(line, self._secrets))
 
     def wait(self, seconds: float) -> bool:
         """Wait up to `seconds` for the end of the output; True if it ended."""

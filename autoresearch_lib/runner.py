@@ -117,7 +117,7 @@ def parse_progress(line: str) -> Progress | None:
     if not m:
         return None
     fields = dict(part.split(": ", 1) for part in m[3].split(" | ") if ": " in part)
-    number = lambda key, default=0.0: float(fields.get(key, default).replace(",", "").rstrip("%s"))
+    number = lambda key, default="0": float(str(fields.get(key, default)).replace(",", "").rstrip("%s"))
     try:
         return Progress(step=int(m[1]), percent=float(m[2]), loss=number("loss", "nan"),
                         tok_per_sec=number("tok/sec"), mfu=number("mfu"),

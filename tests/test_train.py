@@ -119,3 +119,26 @@ def test_bad_corpus_fails_before_any_run(tmp_path, cache):
     with pytest.raises(ar.DataError, match="empty"):
         ar.train(preset="quick", text=str(empty), run_dir=tmp_path / "run", cache_dir=str(cache))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("line", ["step 00001 (5.0%) | loss: 3", "step 00001 (5.0%) | foo: bar",
+                                  "step 00001 (5.0%) | tok/sec: fast | loss: x", "step 00001 (5.0%) |"])
+def test_a_malformed_progress_line_never_breaks_the_reader(line):
+    """A train.py may print anything that looks like a progress line; the runner's reader parses
+    it or skips it, and never raises (a dead reader would leave the run blocked on its output)."""
+    from autoresearch_lib.runner import parse_progress
+
+    progress = parse_progress(line)
+    assert progress is None or progress.step == 1
+
+
+def test_an_output_reader_whose_callback_fails_still_drains_the_pipe():
+    import os
+
+    from autoresearch_lib.output import OutputCapture
+
+    r, w = os.pipe()
+    capture = OutputCapture(r, on_line=lambda line: 1 / 0)
+    os.write(w, b"".join(b"line %d\n" % i for i in range(5000)))
+    os.close(w)
+    assert capture.wait(10) and "line 4999" in capture.text()
