@@ -324,8 +324,11 @@ def test_deleting_dot_lock_does_not_let_a_second_loop_in(ws):
 
 PEEK = """
     import os
+    def parent(pid):
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    loop_pid = parent(os.getppid())  # the launcher's parent: the loop's process
     try:  # the loop's environment holds OPENAI_API_KEY
-        seen = open(f"/proc/{os.getppid()}/environ", "rb").read()
+        seen = open(f"/proc/{loop_pid}/environ", "rb").read()
         print("PEEK read it; key there:", b"OPENAI_API_KEY=" in seen)
     except OSError as e:
         print("PEEK refused:", type(e).__name__)
@@ -360,9 +363,11 @@ def test_a_run_cannot_read_the_loops_environment_through_proc(ws, tmp_path):
     read any /proc file. Dropping every capability stands in for setuid(65534), which can't run
     this environment's Python (it lives under /root, mode 0700); same uid, same protection."""
     (tmp_path / "peek.py").write_text(textwrap.dedent(PEEK))
+    # unsandboxed: the sandbox's own PID namespace would hide the loop anyway (the control run
+    # would then find no key to read); this defence is for machines without one
     child = subprocess.run([sys.executable, "-c", PEEK_LOOP, str(ws.path), str(tmp_path / "peek.py")],
                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           preexec_fn=drop_privileges)
+                           preexec_fn=drop_privileges, env={**os.environ, "AUTORESEARCH_SANDBOX": "0"})
     assert child.returncode == 0, child.stderr
     control = re.search(r"^CONTROL (.*)$", child.stdout, re.M)[1]
     if "read it; key there: True" not in control:  # e.g. hidepid, or a hardened kernel
