@@ -227,23 +227,10 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
     The log goes to `log_path` (default run_dir/run.log). See the module docstring.
     """
     t0 = time.time()
-    run_dir = fresh_dir(Path(run_dir).resolve())
-    log_path = Path(log_path).resolve() if log_path else run_dir / "run.log"
+    run_dir, log_path, result, use_sandbox, say, lines = start(run_dir, log_path, on_line)
     (run_dir / "train.py").write_text(script_text, encoding="utf-8")
     prepared = data.prepare(settings, verbose=False)  # here, once: the run itself only reads
     fingerprint = prepared.fingerprint()  # checked again after the run
-    use_sandbox = sandbox.mode() == "bwrap"
-    result = TrainResult(run_dir=str(run_dir), log_path=str(log_path),
-                         sandbox="bwrap" if use_sandbox else "none")
-    lines: list[str] = []  # the runner's own lines, added to the log
-
-    def say(line: str) -> None:
-        lines.append(line)
-        if on_line:
-            on_line(line)
-
-    if not use_sandbox:
-        say(f"{sandbox.NO_SANDBOX_WARNING} ({sandbox.why_not()})")
     private = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
     try:
         capture, returncode, timed_out = _train(script_text, settings, run_dir, prepared, private,
@@ -276,12 +263,39 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
     else:
         result.val_bpb = result.metric = None
         say(f"FAIL {result.reason}")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    # renamed into place, never written through a link a run may have left at run_dir/run.log
-    write_atomic(log_path, (log + "".join(f"{line}\n" for line in lines)).encode("utf-8", "replace"))
-    if not result.ok:
-        result.error_tail = "\n".join((log + "\n".join(lines)).strip().splitlines()[-30:])
+    write_log(result, log, lines, log_path)
     return result
+
+
+def start(run_dir, log_path, on_line, what: str = "train.py"):
+    """What every run starts with (GPT training here, a task's command in tasks.py): a fresh run
+    folder, where its log goes, the sandbox in use, a TrainResult saying so, and `say` for the
+    runner's own lines (shown at once, added to the log at the end: `said`)."""
+    run_dir = fresh_dir(Path(run_dir).resolve())
+    log_path = Path(log_path).resolve() if log_path else run_dir / "run.log"
+    use_sandbox = sandbox.mode() == "bwrap"
+    result = TrainResult(run_dir=str(run_dir), log_path=str(log_path),
+                         sandbox="bwrap" if use_sandbox else "none")
+    said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if on_line:
+            on_line(line)
+
+    if not use_sandbox:
+        say(f"{sandbox.no_sandbox_warning(what)} ({sandbox.why_not()})")
+    return run_dir, log_path, result, use_sandbox, say, said
+
+
+def write_log(result: TrainResult, output: str, said: list[str], log_path: Path) -> None:
+    """The run's log: its (capped) output, then the runner's lines. Renamed into place, never
+    written through a link a run may have left at run_dir/run.log; a crash keeps its tail."""
+    text = output + "".join(f"{line}\n" for line in said)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(log_path, text.encode("utf-8", "replace"))
+    if not result.ok:
+        result.error_tail = "\n".join(text.strip().splitlines()[-30:])
 
 
 def fresh_dir(run_dir: Path) -> Path:

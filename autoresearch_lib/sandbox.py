@@ -50,7 +50,6 @@ def no_sandbox_warning(what: str = "train.py") -> str:
             "install bubblewrap (apt install bubblewrap) so the score can be trusted")
 
 
-NO_SANDBOX_WARNING = no_sandbox_warning()
 
 
 class SandboxError(RuntimeError):

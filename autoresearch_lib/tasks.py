@@ -391,20 +391,8 @@ def run_task(task: Task, files: dict[str, str], run_dir: str | Path,
                                    on_progress=on_progress, on_line=on_line, timeout=timeout,
                                    stop=stop, log_path=log_path)
     t0 = time.time()
-    run_dir = runner.fresh_dir(Path(run_dir).resolve())
-    log_path = Path(log_path).resolve() if log_path else run_dir / "run.log"
-    use_sandbox = sandbox.mode() == "bwrap"
-    result = TrainResult(run_dir=str(run_dir), log_path=str(log_path),
-                         sandbox="bwrap" if use_sandbox else "none")
-    said: list[str] = []  # the runner's own lines, added to the log
-
-    def say(line: str) -> None:
-        said.append(line)
-        if on_line:
-            on_line(line)
-
-    if not use_sandbox:
-        say(f"{sandbox.no_sandbox_warning(' and '.join(task.editable))} ({sandbox.why_not()})")
+    run_dir, log_path, result, use_sandbox, say, said = runner.start(
+        run_dir, log_path, on_line, " and ".join(task.editable))
     _stage(task, files, run_dir)
     changed = changed_files(run_dir, task.fixed)
     if changed:  # refused: what would run is not the task that was loaded
@@ -526,8 +514,4 @@ def _finish(task, result, log, said, say, log_path, t0) -> None:
     else:
         result.metric = None
         say(f"FAIL {result.reason}")
-    text = log + "".join(f"{line}\n" for line in said)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text(text, encoding="utf-8")
-    if not result.ok:
-        result.error_tail = "\n".join(text.strip().splitlines()[-30:])
+    runner.write_log(result, log, said, log_path)
