@@ -202,14 +202,19 @@ def cmd_loop(args) -> int:
     def on_event(e):
         if e.kind == "experiment":
             bar.start(e.index)
-        elif e.kind == "progress":
+        elif e.kind == "progress" and "slot" not in e.data:
             bar.progress(e.data["progress"])
+        elif e.kind == "wave":
+            print(f"wave {e.data['wave']}: " + " | ".join(c["description"] for c in e.data["candidates"]),
+                  flush=True)
         elif e.kind == "decision":
             bar.close()
             exp = e.data["experiment"]
             print(experiment_line(exp, metric), flush=True)
             for recheck in exp.rechecks:  # their own rows, right after the candidate's
                 print(experiment_line(recheck, metric), flush=True)
+        elif e.kind == "waiting" and e.index < 0:  # a parallel experiment waits for a worker
+            print(e.data["reason"], flush=True)
         elif e.kind == "waiting":
             print(f"the agent failed to propose {e.data['failures']} times in a row "
                   f"({e.data['reason'][:120]}); trying again in {e.data['seconds']:g} s", flush=True)
@@ -217,7 +222,8 @@ def cmd_loop(args) -> int:
     done = []
     try:
         done = loop.run(ws, agent, max_experiments=args.max_experiments, on_event=on_event,
-                        noise_runs=args.noise_runs, z=args.z, recheck=args.recheck)
+                        noise_runs=args.noise_runs, z=args.z, recheck=args.recheck,
+                        parallel=args.parallel, ray_address=args.ray_address)
     except KeyboardInterrupt:
         bar.close()
         Workspace.open(path)  # undo the unfinished experiment
@@ -308,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "then (upstream's rule); by default the best is trained again beside a "
                         "candidate when the machine's speed changed or the win is small")
     p.add_argument("--seed", type=int, default=0, help="offline agent's seed")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="experiments at once, in waves of N, on Ray (pip install -e '.[ray]'): "
+                        "one GPU each, or a share of the CPUs (default: 1, one at a time)")
+    p.add_argument("--ray-address", help="parallel: an existing Ray cluster (`ray start --head` "
+                                         "prints it; default $RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=cmd_loop)
 
     p = sub.add_parser("report", help="write the progress chart of a workspace to a PNG")

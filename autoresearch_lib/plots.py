@@ -50,6 +50,7 @@ def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: s
     re-checks of the best (trained again for a fair comparison) as orange rings.
 
     Crashes are left out (their metric is 0). Pass `ax` and `label` to draw two runs on one chart.
+    A parallel loop's waves (results.tsv's `wave` column) are shaded, one band per wave.
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 5))
@@ -81,6 +82,7 @@ def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: s
             for i, v in kept[1:]:
                 ax.annotate(str(rows[i]["description"])[:40], (i, v), fontsize=7, rotation=20,
                             xytext=(4, 4), textcoords="offset points", color="#333333")
+    _shade_waves(rows, ax)
     s = summary(rows, metric, direction)
     ax.set_xlabel("experiment #")
     ax.set_ylabel(axis_label(metric, direction))
@@ -90,6 +92,21 @@ def progress_chart(rows: list[dict], ax=None, label: str | None = None, color: s
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     return ax
+
+
+def _shade_waves(rows: list[dict], ax) -> None:
+    """A light band behind the rows of each wave of a parallel loop, labelled w1, w2, ..."""
+    spans: dict = {}
+    for i, r in enumerate(rows):
+        if r.get("wave") not in (None, ""):
+            first, last = spans.get(r["wave"], (i, i))
+            spans[r["wave"]] = (min(first, i), max(last, i))
+    for n, (first, last) in enumerate(sorted(spans.items(), key=lambda kv: kv[1])):
+        wave, (a, b) = first, last
+        ax.axvspan(a - 0.4, b + 0.4, color="#1f77b4", alpha=0.06 if n % 2 else 0.12, lw=0, zorder=0,
+                   label=None if n else "a wave (parallel runs)")
+        ax.annotate(f"w{wave}", ((a + b) / 2, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                    va="top", fontsize=7, color="#1f77b4")
 
 
 def save_progress_chart(rows: list[dict], path: str | Path, metric: str | None = None,

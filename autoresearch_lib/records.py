@@ -30,6 +30,8 @@ RESULTS_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "t
                    # the conditions a run was measured under (fair comparisons on a busy machine)
                    "tok_per_sec", "params_M", "flops_per_token", "load",
                    "sandbox",  # how training was isolated: "bwrap", or "none" (see sandbox.py)
+                   "host", "device",  # where it ran: the machine, and "cpu" or the GPU's name
+                   "wave",  # a parallel loop's wave (empty for one experiment at a time)
                    "sig"]  # the loop's HMAC of the row: rows it did not write are refused
 UPSTREAM_COLUMNS = RESULTS_COLUMNS[:5]  # what karpathy/autoresearch writes and its tools read
 HEADER = "\t".join(RESULTS_COLUMNS) + "\n"
@@ -38,7 +40,7 @@ STATUSES = ("keep", "discard", "crash",
 MAX_REJECTED = 1000  # lines kept in results.rejected.tsv per rejection
 METRIC_FORMAT = "{:.6g}"  # a task's metric (val_bpb keeps upstream's {:.6f})
 
-_INTS = {"steps", "prompt_tokens", "completion_tokens"}
+_INTS = {"steps", "prompt_tokens", "completion_tokens", "wave"}
 _FLOATS = {"val_bpb", "memory_gb", "seconds", "tokens_M", "tok_per_sec", "params_M",
            "flops_per_token", "load"}
 _FORMATS = {"val_bpb": "{:.6f}", "memory_gb": "{:.1f}", "seconds": "{:.1f}", "tokens_M": "{:.3f}",

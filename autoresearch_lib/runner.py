@@ -80,7 +80,8 @@ class TrainResult:
     flops_per_token: float = 0.0  # the model's training FLOPs per token (its size, for fairness)
     load_avg: float = 0.0  # the machine's 1-minute load average when training ended (-1: unknown)
     sandbox: str = ""  # how the training was isolated: "bwrap" or "none"
-    device: str = ""
+    device: str = ""  # what it trained on: "cpu", "cuda", or the GPU's name (parallel runs)
+    host: str = ""  # the machine it ran on (parallel runs: the Ray worker's)
     precision: str = ""
     wall_seconds: float = 0.0  # seen from outside: start to the end of scoring
     eval_seconds: float = 0.0  # scoring (both model servers, the spot checks)

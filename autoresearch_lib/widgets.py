@@ -12,7 +12,9 @@ so the dashboard can be driven and tested without a browser:
     state  experiments  last_event  error
 
 Stop kills the training run within seconds; that experiment is undone and not recorded, and
-Start resumes. "fair comparisons" (on by default; `recheck=False` turns it off) trains the best
+Start resumes. "parallel" > 1 makes Start run waves of that many experiments at once on Ray
+(loop.py, parallel.py; `pip install -e ".[ray]"`), one GPU each; a table shows the wave's runs
+live (queued, training, done) and where each one runs. Step always runs exactly one. "fair comparisons" (on by default; `recheck=False` turns it off) trains the best
 again beside a candidate when the machine's speed changed or the win is small (loop.py); the
 status line says so while it happens, and afterwards counts the extra runs per kept change.
 Approval mode wraps the chosen agent in a HumanAgent whose callback waits, on the loop's thread
@@ -117,7 +119,7 @@ class Dashboard:
     """Controls and live views of one workspace's research loop (see the module docstring)."""
 
     def __init__(self, workspace, agent=None, executor=None, max_experiments: int = 10,
-                 recheck: bool = True):
+                 recheck: bool = True, parallel: int = 1, ray_address: str | None = None):
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         self.given_agent = agent  # offered first in the chooser when given
         self.executor = executor  # what trains one train.py: loop.run's `executor`
@@ -133,7 +135,10 @@ class Dashboard:
         self._log: deque[str] = deque(maxlen=LOG_LINES)
         self._last: dict[str, float] = {}  # throttling: what -> when it was last redrawn
         self._rows: list[dict] = []
+        self.ray_address = ray_address  # parallel runs: an existing Ray cluster (else a local one)
+        self._wave: dict = {}  # the running wave: slot -> what is known of its run
         self._build(max_experiments, recheck)
+        self.parallel.value = parallel
         self._refresh_results(force=True)
         self._set_state(IDLE, self._summary())
 
@@ -169,6 +174,9 @@ class Dashboard:
                                          tooltip="training seconds; fixed once the baseline ran")
         self.max_experiments = w.BoundedIntText(max_experiments, min=0, max=10**6, description="max exps",
                                                 tooltip="Start runs this many (0: no limit)")
+        self.parallel = w.BoundedIntText(1, min=1, max=256, description="parallel",
+                                         tooltip="experiments at once, in waves, on Ray: one GPU "
+                                                 "each (or a share of the CPUs)")
         self.start_button = w.Button(description="Start", icon="play", button_style="success")
         self.stop_button = w.Button(description="Stop", icon="stop", button_style="danger")
         self.step_button = w.Button(description="Step", icon="step-forward", button_style="info",
@@ -184,11 +192,11 @@ class Dashboard:
         self.status, self.approval_note = w.HTML(), w.HTML(WAITING_NOTE)
         self.approval_box = w.HBox([self.approval_note, self.accept_button, self.reject_button])
         self.chart = w.Image(format="png", layout=w.Layout(width="512px"))
-        self.table = w.HTML()
+        self.table, self.wave_table = w.HTML(), w.HTML()
         full = dict(layout=w.Layout(width="100%", min_width="0"))
         self.diff, self.log_tail = w.HTML(diff_html("no proposal yet", ""), **full), w.HTML(**full)
         for widget, name in ((self.status, "status"), (self.table, "results"), (self.chart, "chart"),
-                             (self.diff, "diff"), (self.log_tail, "log")):
+                             (self.diff, "diff"), (self.log_tail, "log"), (self.wave_table, "wave")):
             widget.add_class(f"ar-{name}")
         # min_width 0: a flex item may then be narrower than its longest line, which scrolls
         half = dict(layout=w.Layout(width="50%", min_width="0", padding="0 6px 0 0"))
@@ -196,9 +204,9 @@ class Dashboard:
             w.HTML(f"<b>autoresearch</b> · {html.escape(str(self.ws.path))} · branch "
                    f"<code>{html.escape(self.ws.branch)}</code> · {html.escape(self._what())}"),
             w.HBox([self.agent_choice, self.approval, self.fair]), self.openai_box, self.edits,
-            w.HBox([self.budget, self.max_experiments]),
+            w.HBox([self.budget, self.max_experiments, self.parallel]),
             w.HBox([self.start_button, self.stop_button, self.step_button, self.progress]),
-            self.status, self.approval_box,
+            self.status, self.approval_box, self.wave_table,
             w.HBox([self.chart, self.table], layout=w.Layout(align_items="flex-start")),
             w.HBox([w.VBox([w.HTML("<b>proposal</b>"), self.diff], **half),
                     w.VBox([w.HTML("<b>log (last lines)</b>"), self.log_tail], **half)])])
@@ -217,7 +225,9 @@ class Dashboard:
         limit = self.max_experiments.value or None
         return self._launch(lambda agent: loop.run(self.ws, agent, max_experiments=limit,
                                                    stop=self._stop, on_event=self._on_event,
-                                                   executor=self.executor, recheck=self.fair.value))
+                                                   executor=self.executor, recheck=self.fair.value,
+                                                   parallel=self.parallel.value,
+                                                   ray_address=self.ray_address))
 
     def step(self) -> bool:
         """Run exactly one experiment in the background (for demos), then go back to idle."""
@@ -368,18 +378,59 @@ class Dashboard:
         self.diff.value = diff_html(e.data["description"], e.data["diff"])
         self._set_status(f"experiment #{e.index}: training “{html.escape(e.data['description'])}”")
 
+    def _on_wave(self, e) -> None:
+        self._wave = {c["slot"]: {"description": c["description"], "state": "queued", "where": ""}
+                      for c in e.data["candidates"]}
+        self._wave_number = e.data["wave"]
+        self.diff.value = diff_html(f"wave {e.data['wave']}: {len(self._wave)} candidates",
+                                    "\n\n".join(c["diff"] for c in e.data["candidates"]))
+        self._set_status(f"wave {e.data['wave']}: training {len(self._wave)} candidates at once")
+        self._refresh_wave(force=True)
+
+    def _on_started(self, e) -> None:
+        run = self._wave.get(e.data["slot"])
+        if run is not None:
+            run["state"], run["where"] = "starting", f"{e.data['host']} · {e.data['device']}"
+            self._refresh_wave(force=True)
+
+    def _refresh_wave(self, force: bool = False) -> None:
+        if not (force or self._due("wave", REFRESH_EVERY)):
+            return
+        if not self._wave:
+            self.wave_table.value = ""
+            return
+        rows = "".join(f"<tr><td>{k}</td><td>{html.escape(r['description'])}</td>"
+                       f"<td>{html.escape(r['state'])}</td><td>{html.escape(r['where'])}</td></tr>"
+                       for k, r in sorted(self._wave.items()))
+        self.wave_table.value = (f"<b>wave {self._wave_number}</b><table style='font-size:12px'>"
+                                 "<tr><th>#</th><th>candidate</th><th>state</th><th>where</th></tr>"
+                                 f"{rows}</table>")
+
     def _on_progress(self, e) -> None:
         p = e.data["progress"]
+        if "slot" in e.data:  # one run of a parallel wave
+            run = self._wave.get(e.data["slot"])
+            if run is not None:
+                run["state"] = f"step {p.step} · loss {p.loss:.3f} · {p.percent:.0f}%"
+                self._refresh_wave()
+            return
         if self._due("progress", REFRESH_EVERY):
             self.progress.value = min(100.0, p.percent)
             self._set_status(f"experiment #{e.index}: step {p.step} · loss {p.loss:.4f} · "
                              f"{p.remaining:.0f}s of training left")
 
     def _on_line(self, e) -> None:
-        self._log.append(e.data["line"])
+        self._log.append(f"[{e.data['slot']}] {e.data['line']}" if "slot" in e.data else e.data["line"])
         self._refresh_log()
 
     def _on_result(self, e) -> None:
+        if "slot" in e.data:  # a run of the wave is done (its row comes with its decision)
+            run, r = self._wave.get(e.data["slot"]), e.data["result"]
+            if run is not None:
+                run["state"] = (f"done: {r.metric if self.ws.is_task else r.val_bpb:.6g}" if r.ok else
+                                f"crash: {r.reason[:60]}")
+                self._refresh_wave(force=True)
+            return
         self.progress.value = 100
         self._refresh_log(force=True)
         self._set_status(f"experiment #{e.index}: evaluated ({e.data['result'].status})")
@@ -397,6 +448,9 @@ class Dashboard:
                          f"(training {e.data['commit']} again as #{e.index}: {html.escape(e.data['why'])})")
 
     def _on_waiting(self, e) -> None:
+        if e.index < 0:  # a parallel run waits for a free GPU / CPUs
+            self._set_status(html.escape(e.data["reason"]), error=True)
+            return
         self._set_status(f"the agent failed {e.data['failures']} times in a row "
                          f"({html.escape(e.data['reason'][:120])}): asking again in "
                          f"{e.data['seconds']:g} s", error=True)
@@ -454,7 +508,7 @@ class Dashboard:
         self.accept_button.disabled = not waiting or self._pending is None
         self.reject_button.disabled = not waiting
         for control in (self.agent_choice, self.approval, self.fair, self.model, self.base_url,
-                        self.key_from_env, self.edits, self.max_experiments):
+                        self.key_from_env, self.edits, self.max_experiments, self.parallel):
             control.disabled = busy
         self.api_key.disabled = busy or self.key_from_env.value
         self.budget.disabled = busy or bool(self._rows) or self.ws.is_task

@@ -91,6 +91,7 @@ RESERVED = {TASK_JSON, TASK_DIR, "program.md", "settings.json", ".gitignore", "r
             "results.rejected.tsv", "logs", "runs", ".lock", ".git"}
 KEY_FILE = ".git/autoresearch/key"  # signs results.tsv's rows; inside .git, so never committed
 PINS_FILE = ".git/autoresearch/pins.json"  # the kit's code and the data scores depend on
+TRIED_REFS = "refs/autoresearch/tried"  # every experiment's commit, kept or not (mark_tried)
 REJECTED = "results.rejected.tsv"
 _PR_SET_DUMPABLE = 4  # prctl option, from <linux/prctl.h>
 MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()
@@ -511,6 +512,33 @@ class Workspace:
     def diff(self, a: str, b: str | None = None) -> str:
         """Unified diff of the editable file(s) from commit `a` to `b` (or to the files on disk)."""
         return self._git("diff", a, *([b] if b else []), "--", *self.editable)
+
+    # ------------------------------------------------------------ every tried commit stays reachable
+
+    def mark_tried(self, index: int, commit: str) -> None:
+        """Keep experiment `index`'s commit under refs/autoresearch/tried/NNNN, kept or not, so
+        its diff can be read later (`git diff <best> autoresearch/tried/0007`)."""
+        self._git("update-ref", f"{TRIED_REFS}/{index:04d}", commit)
+
+    def tried(self) -> dict[int, str]:
+        """Experiment number -> its commit (full id), for every experiment marked as tried."""
+        out = self._git("for-each-ref", "--format=%(refname:lstrip=3) %(objectname)", TRIED_REFS)
+        return {int(name): sha for name, sha in (line.split() for line in out.splitlines())
+                if name.isdigit()}
+
+    def trees(self, commits) -> set[str]:
+        """The file trees of these commits: two experiments with one tree tried the same files."""
+        commits = [c for c in dict.fromkeys(commits) if c]
+        if not commits:
+            return set()
+        try:
+            return set(self._git("log", "--no-walk", "--format=%T", *commits).split())
+        except WorkspaceError:  # one of them is gone (a repository from elsewhere): one by one
+            found = set()
+            for c in commits:
+                with contextlib.suppress(WorkspaceError):
+                    found.add(self._git("rev-parse", f"{c}^{{tree}}").strip())
+            return found
 
     # ------------------------------------------------------------ results.tsv
 

@@ -1,6 +1,6 @@
 """A research loop in a child process, for the kill test in test_loop.py.
 
-    python tests/loop_child.py WORKSPACE
+    python tests/loop_child.py WORKSPACE [--parallel N]
 
 Runs the offline agent on an existing workspace with a long training budget (the workspace
 keeps its own; only this child's runs get longer), so the test can SIGKILL it mid-experiment.
@@ -27,4 +27,8 @@ def long_runs(script_text, settings, run_dir, **kwargs):
 
 if __name__ == "__main__":
     events = lambda e: print(e.kind, e.index, flush=True) if e.kind != "line" else None
-    loop.run(Workspace.open(sys.argv[1]), OfflineAgent(), on_event=events, executor=long_runs)
+    if "--parallel" in sys.argv:  # waves on a local Ray instance, with the workspace's budget
+        n = int(sys.argv[sys.argv.index("--parallel") + 1])
+        loop.run(Workspace.open(sys.argv[1]), OfflineAgent(), on_event=events, parallel=n)
+    else:
+        loop.run(Workspace.open(sys.argv[1]), OfflineAgent(), on_event=events, executor=long_runs)

@@ -308,3 +308,24 @@ def test_fair_comparisons_show_in_the_status_line_and_one_switch_turns_them_off(
     assert d.start(max_experiments=2) and d.wait(10)
     assert [r["status"] for r in other.results()] == ["keep", "keep"]  # upstream's rule
     assert "fair comparisons" not in d.status.value
+
+
+def test_the_parallel_control_runs_waves_and_shows_them_live(tmp_path):
+    """parallel 2 on a task (seconds per run), on a real local Ray instance: the wave's table
+    lists both candidates with where they ran and how they ended; Step still runs just one."""
+    pytest.importorskip("ray")
+    ws = Workspace.create(tmp_path / "task", task="fit-curve", tag="test")
+    dash = Dashboard(ws, parallel=2, max_experiments=3, recheck=False)
+    assert dash.parallel.value == 2 and "parallel" in [c.description for c in dash.widget.children[4].children]
+    tables = []
+    dash._refresh_wave = (lambda original: lambda force=False: (original(True), tables.append(dash.wave_table.value)))(dash._refresh_wave)
+    assert dash.start()
+    assert dash.parallel.disabled  # no change mid-run
+    assert dash.wait(240) and dash.error is None, dash.error
+    rows = ws.results()
+    assert [r["wave"] for r in rows] == [None, 1, 1] and dash.state == IDLE
+    final = tables[-1]
+    for r in rows[1:]:
+        assert html.escape(r["description"]) in final
+    assert final.count("done:") + final.count("crash:") == 2 and "CPU cores" in final
+    assert not dash.parallel.disabled

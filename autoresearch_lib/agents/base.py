@@ -38,6 +38,9 @@ class State:
     metric: str = "val_bpb"  # the number experiments are judged by (results.tsv's 2nd column)
     direction: str = "minimize"  # "minimize" (lower is better) or "maximize"
     files: dict = field(default_factory=dict)  # editable file -> its current text
+    # a parallel wave: the descriptions of the candidates already proposed for it, from the same
+    # best files. Propose something else: two candidates of one wave are never the same edit.
+    pending: list = field(default_factory=list)
 
     def __post_init__(self):
         if not self.files:  # GPT, or a caller that gave only train_py: one editable file

@@ -283,7 +283,9 @@ class OfflineAgent:
         """One change to one constant (or to both batch sizes together)."""
         files = {name: text for name, text in state.files.items() if name.endswith(".py")}
         prefix = len(state.files) > 1  # several files: names in descriptions say which file
-        tried, helped = read_history(state.results)
+        # the candidates already in this wave count as tried: a wave holds distinct changes
+        tried, helped = read_history(state.results + [{"description": d, "status": "pending"}
+                                                      for d in state.pending])
         fresh, weights, count = [], [], 0  # count: the constants seen, for the messages
         for file, text in files.items():
             constants, label = read_constants(text, file), f"{file}:" if prefix else ""

@@ -184,6 +184,10 @@ def build_prompt(state: State) -> str:
     if state.last_crash_log:
         parts.append(f"# The last experiment crashed; the end of its log\n\n```\n"
                      f"{state.last_crash_log[-CRASH_TAIL_CHARS:].rstrip()}\n```")
+    if state.pending:
+        parts.append("# Already proposed for this wave (they run at the same time as yours, from "
+                     "the same files): propose something different\n\n"
+                     + "\n".join(f"- {d}" for d in state.pending))
     best = "none yet" if state.best_val_bpb is None else _cell(state.metric, state.best_val_bpb)
     if state.task == "gpt":
         parts.append(f"Propose experiment {state.experiment}. The best val_bpb so far is {best}.")
