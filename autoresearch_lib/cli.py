@@ -204,6 +204,8 @@ def cmd_loop(args) -> int:
             bar.start(e.index)
         elif e.kind == "progress" and "slot" not in e.data:
             bar.progress(e.data["progress"])
+        elif e.kind == "parallel":
+            print(e.data["describe"], flush=True)
         elif e.kind == "wave":
             print(f"wave {e.data['wave']}: " + " | ".join(c["description"] for c in e.data["candidates"]),
                   flush=True)

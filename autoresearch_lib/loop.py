@@ -94,6 +94,9 @@ class Event:
     val_bpb, best), "waiting" (seconds, failures, reason: proposals keep failing, so `run`
     pauses before the next), "recheck" (the incumbent trains again, as row `index`: commit,
     why, headline, candidate: the experiment it is compared with), "stopped", "error".
+    A parallel loop adds "parallel" (describe: where experiments run), "wave" (wave, candidates:
+    slot, commit, description, diff) and, for one run of the wave (index -1, data["slot"]),
+    "started" (host, device, pid), "progress", "line", "result"; its rows come with "decision".
     """
 
     kind: str
@@ -171,6 +174,7 @@ def run(ws: Workspace, agent, max_experiments: int | None = None,
             engine.check(None if ws.is_task else ws.settings)
             loop = _Loop(ws, agent, on_event, stop, engine.executor, noise_runs, z, recheck, engine)
             log.info("%s", engine.describe())
+            loop.emit(Event("parallel", -1, {"describe": engine.describe()}))
             return _run(loop, max_experiments)
         finally:
             engine.close()

@@ -183,8 +183,9 @@ class Engine:
                                     "started for the run.") from None
         total = ray.cluster_resources()
         self.gpus, self.cpus = int(total.get("GPU", 0)), int(total.get("CPU", 0))
-        if self.gpus:  # one whole GPU each: two experiments never share a card
-            self.options = {"num_gpus": 1, "num_cpus": 1}
+        if self.gpus:  # one whole GPU each: two experiments never share a card, and the CPUs
+            # of its node shared out per GPU (data loading, Python; Ray sets OMP_NUM_THREADS)
+            self.options = {"num_gpus": 1, "num_cpus": _cpus_per_gpu(ray.nodes())}
         else:
             self.options = {"num_cpus": max(1, self.cpus // parallel)}
         self.remote = ray.remote(max_retries=0)(run_remote)
@@ -209,9 +210,14 @@ class Engine:
     def describe(self) -> str:
         """One line: what runs where, for the loop's log and the dashboard."""
         place = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
-        each = "1 GPU" if self.gpus else f"{self.options['num_cpus']} CPU(s)"
-        return (f"{self.parallel} experiments at once on {place} ({self.gpus} GPU(s), "
+        each = (f"1 GPU and {self.options['num_cpus']} CPU(s)" if self.gpus
+                else f"{self.options['num_cpus']} CPU(s)")
+        text = (f"{self.parallel} experiments at once on {place} ({self.gpus} GPU(s), "
                 f"{self.cpus} CPU(s); {each} each)")
+        if self.gpus and self.parallel > self.gpus:
+            text += (f"; with {self.gpus} GPU(s) only {self.gpus} run at a time, the others "
+                     "queue: never two on one GPU")
+        return text
 
     def check(self, settings: Settings | None) -> None:
         """Refuse, before anything runs, a GPU preset on a cluster without a GPU."""
@@ -243,7 +249,9 @@ class Engine:
         """Deliver the workers' events, then return the jobs among `jobs` that have finished."""
         ready, _ = self.ray.wait([j.ref for j in jobs], num_returns=len(jobs), timeout=timeout)
         self.deliver()
-        if on_waiting:
+        # a job queued behind our own running ones (parallel > GPUs) is not stuck
+        ours_running = any(j.where is not None and j.ref not in ready for j in self.jobs.values())
+        if on_waiting and not ours_running:
             for job in jobs:
                 if job.where is None and job.ref not in ready:
                     self._say_if_stuck(job, on_waiting)
@@ -330,6 +338,14 @@ class Engine:
         self.cancel(list(self.jobs.values()), patience=5.0)
         if self.owns and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def _cpus_per_gpu(nodes: list[dict]) -> int:
+    """The CPUs each GPU experiment can have on every GPU node: the least, over those nodes, of
+    its CPUs per GPU (a CPU-only head node doesn't count)."""
+    shares = [int(n["Resources"].get("CPU", 1) // n["Resources"]["GPU"]) for n in nodes
+              if n.get("Alive", True) and n.get("Resources", {}).get("GPU")]
+    return max(1, min(shares, default=1))
 
 
 def _fixed_files(task) -> dict:

@@ -378,6 +378,9 @@ class Dashboard:
         self.diff.value = diff_html(e.data["description"], e.data["diff"])
         self._set_status(f"experiment #{e.index}: training “{html.escape(e.data['description'])}”")
 
+    def _on_parallel(self, e) -> None:
+        self._set_status(html.escape(e.data["describe"]))
+
     def _on_wave(self, e) -> None:
         self._wave = {c["slot"]: {"description": c["description"], "state": "queued", "where": ""}
                       for c in e.data["candidates"]}
