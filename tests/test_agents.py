@@ -371,3 +371,19 @@ def test_model_server_and_key_come_from_the_environment(llm, monkeypatch):
     agent = OpenAIAgent(max_retries=0)
     assert agent.propose(state()).description == "Deeper model"
     assert llm.requests[0]["body"]["model"] == "llama3.2" and KEY not in repr(agent)
+
+
+def test_the_fake_server_records_requests_and_says_when_no_reply_is_queued():
+    from autoresearch_lib.agents.fake_server import FakeChatServer
+
+    with FakeChatServer() as server:
+        server.reply("Raise MATRIX_LR\ntrain.py\n<<<<<<< SEARCH\nMATRIX_LR = 0.04\n=======\n"
+                     "MATRIX_LR = 0.05\n>>>>>>> REPLACE")
+        agent = OpenAIAgent(model="demo", base_url=server.url, api_key="no-key-needed", max_retries=0)
+        assert agent.propose(state()).description == "Raise MATRIX_LR"
+        assert server.messages()[0]["role"] == "system" and server.requests[0]["path"] == "/v1/chat/completions"
+        with pytest.raises(ProposalError, match="no reply queued"):
+            agent.propose(state())
+    with pytest.raises(Exception):  # closed: nothing listens any more
+        OpenAIAgent(model="demo", base_url=server.url, api_key="x", max_retries=0, timeout=2).client.chat \
+            .completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
