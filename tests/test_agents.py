@@ -387,3 +387,12 @@ def test_the_fake_server_records_requests_and_says_when_no_reply_is_queued():
     with pytest.raises(Exception):  # closed: nothing listens any more
         OpenAIAgent(model="demo", base_url=server.url, api_key="x", max_retries=0, timeout=2).client.chat \
             .completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_with_several_files_a_listed_name_may_say_its_file():
+    files = {"a.py": "X = 1\nY = 0.5\n", "b.py": "X = 4\nZ = 3\n"}
+    for listed, expected in (("b.py:X", {"b.py:X"}), ("Y", {"a.py:Y"}), ("X", {"a.py:X", "b.py:X"})):
+        s = State(program_exploring(listed), files["a.py"], [row("baseline", "keep")], experiment=1,
+                  task="demo", metric="score", files=files)
+        moved = {parse_description(OfflineAgent(seed).propose(s).description)[0][0] for seed in range(30)}
+        assert moved == expected, listed
