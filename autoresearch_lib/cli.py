@@ -75,6 +75,48 @@ class LiveBar:
             self.bar = None
 
 
+class LoopPrinter:
+    """An `on_event` callback for loop.run / loop.step: a live bar for the running experiment,
+    then one line per results.tsv row as it is decided. What the loop command shows, and what a
+    notebook uses so that no training runs silently:
+
+        loop.run(ws, agent, max_experiments=3, on_event=LoopPrinter.for_workspace(ws))
+    """
+
+    def __init__(self, metric: str, bar: LiveBar):
+        self.metric, self.bar = metric, bar
+
+    @classmethod
+    def for_workspace(cls, ws) -> "LoopPrinter":
+        budget = ws.task.timeout if ws.is_task else ws.settings.budget
+        return cls(ws.metric, LiveBar(budget, task=ws.is_task))
+
+    def __call__(self, e) -> None:
+        if e.kind in ("experiment", "recheck"):
+            self.bar.start(e.index)
+        elif e.kind == "progress" and "slot" not in e.data:
+            self.bar.progress(e.data["progress"])
+        elif e.kind == "parallel":  # a parallel loop: where its experiments run
+            print(e.data["describe"], flush=True)
+        elif e.kind == "wave":
+            print(f"wave {e.data['wave']}: " + " | ".join(c["description"] for c in e.data["candidates"]),
+                  flush=True)
+        elif e.kind == "waiting" and e.index < 0:  # a parallel experiment waits for a GPU
+            print(e.data["reason"], flush=True)
+        elif e.kind == "decision":
+            self.bar.close()
+            exp = e.data["experiment"]
+            print(experiment_line(exp, self.metric), flush=True)
+            for recheck in exp.rechecks:  # their own rows, right after the candidate's
+                print(experiment_line(recheck, self.metric), flush=True)
+        elif e.kind == "waiting":
+            print(f"the agent failed to propose {e.data['failures']} times in a row "
+                  f"({e.data['reason'][:120]}); trying again in {e.data['seconds']:g} s", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def cmd_prepare(args) -> None:
     from . import prepare
 
@@ -197,29 +239,7 @@ def cmd_loop(args) -> int:
 
         prepare_data(ws.settings)  # a bad corpus fails here, clearly, before any experiment
         bar = LiveBar(ws.settings.budget, task=False)
-    metric = ws.metric
-
-    def on_event(e):
-        if e.kind == "experiment":
-            bar.start(e.index)
-        elif e.kind == "progress" and "slot" not in e.data:
-            bar.progress(e.data["progress"])
-        elif e.kind == "parallel":
-            print(e.data["describe"], flush=True)
-        elif e.kind == "wave":
-            print(f"wave {e.data['wave']}: " + " | ".join(c["description"] for c in e.data["candidates"]),
-                  flush=True)
-        elif e.kind == "decision":
-            bar.close()
-            exp = e.data["experiment"]
-            print(experiment_line(exp, metric), flush=True)
-            for recheck in exp.rechecks:  # their own rows, right after the candidate's
-                print(experiment_line(recheck, metric), flush=True)
-        elif e.kind == "waiting" and e.index < 0:  # a parallel experiment waits for a worker
-            print(e.data["reason"], flush=True)
-        elif e.kind == "waiting":
-            print(f"the agent failed to propose {e.data['failures']} times in a row "
-                  f"({e.data['reason'][:120]}); trying again in {e.data['seconds']:g} s", flush=True)
+    on_event = LoopPrinter(ws.metric, bar)
 
     done = []
     try:

@@ -120,12 +120,13 @@ def save_progress_chart(rows: list[dict], path: str | Path, metric: str | None =
     return Path(path)
 
 
-def loss_curve(losses: list[tuple[int, float]], ax=None, label: str | None = None):
-    """Training loss against step, from a TrainResult's `losses`."""
+def loss_curve(losses: list[tuple[int, float]], ax=None, label: str | None = None,
+               color: str | None = None):
+    """Training loss against step, from a TrainResult's `losses` (pass `ax` to draw several runs)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
     if losses:
-        ax.plot(*zip(*losses), label=label)
+        ax.plot(*zip(*losses), label=label, color=color)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
     ax.grid(alpha=0.3)

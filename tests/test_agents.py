@@ -163,6 +163,56 @@ def test_offline_agent_says_when_it_has_nothing_left_to_try():
         OfflineAgent().propose(state(tiny, [row("DEPTH 1 -> 2")]))
 
 
+def program_exploring(*names: str) -> str:
+    return "Lower val_bpb.\n\n## Constants to explore\n" + "".join(f"- {n}: a note\n" for n in names)
+
+
+def test_program_md_restricts_the_offline_agent_to_the_constants_it_lists():
+    results = [row("baseline", "keep")]
+    for seed in range(30):
+        s = State(program_exploring("MATRIX_LR"), TRAIN_PY, results, experiment=1)
+        changes = parse_description(OfflineAgent(seed=seed).propose(s).description)
+        assert [name for name, _, _ in changes] == ["MATRIX_LR"]
+    # two names: both get explored, nothing else does
+    s = lambda seed: State(program_exploring("`DEPTH`", "WARMDOWN_RATIO"), TRAIN_PY, results, experiment=1)
+    moved = {parse_description(OfflineAgent(seed=seed).propose(s(seed)).description)[0][0] for seed in range(40)}
+    assert moved == {"DEPTH", "WARMDOWN_RATIO"}
+
+
+def test_without_the_section_every_constant_is_in_play_and_the_default_program_lists_none():
+    from autoresearch_lib.agents.offline import explore_list
+    from autoresearch_lib.baseline import default_program
+
+    assert "## Constants to explore" in default_program() and explore_list(default_program()) == []
+    moved = {parse_description(OfflineAgent(seed=seed).propose(state()).description)[0][0] for seed in range(60)}
+    assert len(moved) > 5
+
+
+def test_explore_list_reads_only_its_section_and_skips_comments_and_code():
+    from autoresearch_lib.agents.offline import explore_list
+
+    program = ("# Goal\n- DEPTH is not listed here\n\n## Constants to explore\n"
+               "- `MATRIX_LR` (Muon)\n<!-- - EMBEDDING_LR -->\n```\n- SCALAR_LR\n```\n"
+               "* solve.py:DEGREE\n- lower_case\nfree text MENTIONING_A_NAME\n## Ideas\n- WARMUP_RATIO\n")
+    assert explore_list(program) == ["MATRIX_LR", "solve.py:DEGREE"]
+
+
+def test_a_listed_name_that_train_py_lacks_is_a_clear_proposal_error():
+    s = State(program_exploring("MATRIX_LR", "MATRX_LR"), TRAIN_PY, [row("baseline", "keep")], experiment=1)
+    with pytest.raises(ProposalError, match=r"lists MATRX_LR.*no such one-line UPPERCASE constant.*"
+                                            r"MATRIX_LR.*Fix the name in program.md"):
+        OfflineAgent().propose(s)
+
+
+def test_the_offline_agent_says_when_the_listed_constants_are_used_up():
+    tiny = "DEPTH = 1\nLR = 0.5\n"
+    s = State(program_exploring("DEPTH"), tiny, [row("baseline", "keep"), row("DEPTH 1 -> 2")], experiment=2)
+    with pytest.raises(ProposalError, match=r"constants program.md lets it explore \(DEPTH\).*List more names"):
+        OfflineAgent().propose(s)
+    s.program = "no section"  # LR is still free
+    assert OfflineAgent().propose(s).description.startswith("LR 0.5 -> ")
+
+
 def test_set_constants_rewrites_only_the_literal_in_its_own_style():
     new = set_constants(TRAIN_PY, {"TOTAL_BATCH_SIZE": 2**18, "WINDOW_PATTERN": "L",
                                    "ADAM_BETAS": (0.9, 0.99)})
@@ -321,3 +371,28 @@ def test_model_server_and_key_come_from_the_environment(llm, monkeypatch):
     agent = OpenAIAgent(max_retries=0)
     assert agent.propose(state()).description == "Deeper model"
     assert llm.requests[0]["body"]["model"] == "llama3.2" and KEY not in repr(agent)
+
+
+def test_the_fake_server_records_requests_and_says_when_no_reply_is_queued():
+    from autoresearch_lib.agents.fake_server import FakeChatServer
+
+    with FakeChatServer() as server:
+        server.reply("Raise MATRIX_LR\ntrain.py\n<<<<<<< SEARCH\nMATRIX_LR = 0.04\n=======\n"
+                     "MATRIX_LR = 0.05\n>>>>>>> REPLACE")
+        agent = OpenAIAgent(model="demo", base_url=server.url, api_key="no-key-needed", max_retries=0)
+        assert agent.propose(state()).description == "Raise MATRIX_LR"
+        assert server.messages()[0]["role"] == "system" and server.requests[0]["path"] == "/v1/chat/completions"
+        with pytest.raises(ProposalError, match="no reply queued"):
+            agent.propose(state())
+    with pytest.raises(Exception):  # closed: nothing listens any more
+        OpenAIAgent(model="demo", base_url=server.url, api_key="x", max_retries=0, timeout=2).client.chat \
+            .completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_with_several_files_a_listed_name_may_say_its_file():
+    files = {"a.py": "X = 1\nY = 0.5\n", "b.py": "X = 4\nZ = 3\n"}
+    for listed, expected in (("b.py:X", {"b.py:X"}), ("Y", {"a.py:Y"}), ("X", {"a.py:X", "b.py:X"})):
+        s = State(program_exploring(listed), files["a.py"], [row("baseline", "keep")], experiment=1,
+                  task="demo", metric="score", files=files)
+        moved = {parse_description(OfflineAgent(seed).propose(s).description)[0][0] for seed in range(30)}
+        assert moved == expected, listed

@@ -8,6 +8,9 @@ experiment. All of them follow the small protocol in `base.py`:
 - OpenAIAgent:  any OpenAI-compatible LLM server; unusable replies are fed back and retried.
 - ScriptedAgent: replays prepared edits (demos, tests).
 - HumanAgent:   an instructor types or approves each edit.
+
+`fake_server.FakeChatServer` is a scripted OpenAI-compatible chat server on 127.0.0.1: it lets
+OpenAIAgent run end to end with no key and no network (notebook 06, the tests).
 """
 
 from .base import Agent, MissingAPIKeyError, Proposal, ProposalError, State

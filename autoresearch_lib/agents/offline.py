@@ -11,6 +11,20 @@ Any task works the same way: the agent turns the UPPERCASE numeric constants of 
 Python file(s) (fit-curve's `DEGREE = 16`, `RIDGE = 0.3`, ...). A file without any gets a
 ProposalError saying what to add.
 
+program.md steers it through one section: a heading `## Constants to explore` followed by a
+list of constant names restricts the agent to moves of those constants (a move of both batch
+sizes counts as a move of its first one: TOTAL_BATCH_SIZE, or DEVICE_BATCH_SIZE when the device
+batch grows). Anything else in a list item is free text for the reader:
+
+    ## Constants to explore
+    - MATRIX_LR: Muon's step size
+    - `WARMDOWN_RATIO`
+
+No such section, or an empty one, leaves every constant in play. A listed name that no editable
+file defines is a ProposalError naming it (a typo would otherwise silently leave the agent with
+fewer knobs); with several editable files a name may say its file, `solve.py:DEGREE`. The rest of
+program.md is for LLM agents: this agent reads only this section.
+
 Its descriptions are machine-readable, one change per `;` (with several editable files, each
 name is prefixed by its file, `solve.py:DEGREE 16 -> 8`):
     MATRIX_LR 0.02 -> 0.028
@@ -35,6 +49,8 @@ RATIOS = ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "WEIGHT_DECAY", "WE
 PREFERRED_WEIGHT = 3  # how much likelier a move is if the same direction helped before
 INT_LIMIT = 10**9  # integers move within [1, INT_LIMIT] (from a positive start)
 SMALL_INT = 8  # up to this, an integer also moves by +-1
+EXPLORE_HEADING = re.compile(r"^#{1,6}\s*constants to explore\s*$", re.IGNORECASE)
+LISTED_NAME = re.compile(r"^\s*[-*+]\s+`?((?:[\w./-]+:)?[A-Z][A-Z0-9_]*)`?(?![\w`])")
 CHANGE = re.compile(r"^((?:[\w./-]+:)?[A-Z][A-Z0-9_]*) (.+?) -> (.+)$")
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
              ast.Div: operator.truediv, ast.Pow: operator.pow}
@@ -243,6 +259,62 @@ def candidate_changes(constants: dict[str, object]) -> list[dict]:
     return moves
 
 
+# --- what program.md lets it explore ------------------------------------------------------
+
+def explore_list(program: str) -> list[str]:
+    """The constant names listed under program.md's `## Constants to explore` heading, in order
+    ([] when there is no such section or it lists none: every constant is in play).
+
+    A list item's first word is the name (backticks allowed); the rest of the line is ignored.
+    The section ends at the next heading; HTML comments (`<!-- ... -->`) and fenced code
+    blocks are skipped.
+    """
+    program = re.sub(r"<!--.*?-->", "", program, flags=re.DOTALL)
+    names, inside, fenced = [], False, False
+    for line in program.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            continue
+        elif line.lstrip().startswith("#"):
+            inside = bool(EXPLORE_HEADING.match(line.strip()))
+        elif inside and (match := LISTED_NAME.match(line)):
+            names.append(match[1])
+    return list(dict.fromkeys(names))
+
+
+def allowed_names(program: str, files: dict[str, str]) -> set[str] | None:
+    """The constants program.md lets the agent move, as `file:NAME` (None: all of them).
+
+    Raises ProposalError for a listed name that no editable file defines.
+    """
+    listed = explore_list(program)
+    if not listed:
+        return None
+    defined = {f"{file}:{name}" for file, text in files.items() for name in read_constants(text, file)}
+    allowed, unknown = set(), []
+    for name in listed:
+        matches = {d for d in defined if d == name or d.split(":", 1)[1] == name}
+        allowed |= matches
+        if not matches:
+            unknown.append(name)
+    if unknown:
+        known = ", ".join(sorted({d.split(":", 1)[1] for d in defined})) or "none"
+        raise ProposalError(
+            f"program.md's 'Constants to explore' lists {', '.join(unknown)}, but "
+            f"{' and '.join(files)} has no such one-line UPPERCASE constant, so the offline agent "
+            f"cannot move it. The constants it can move are: {known}. Fix the name in program.md "
+            "(or remove the line), commit program.md, then go on.")
+    return allowed
+
+
+def eligible(moves: list[dict], allowed: set[str] | None, file: str) -> list[dict]:
+    """The moves whose main knob (their first name) program.md allows (all, if allowed is None)."""
+    if allowed is None:
+        return moves
+    return [move for move in moves if f"{file}:{next(iter(move))}" in allowed]
+
+
 # --- reading the history -------------------------------------------------------------------
 
 def _key(name: str, value: object) -> tuple[str, str]:
@@ -286,16 +358,17 @@ class OfflineAgent:
         # the candidates already in this wave count as tried: a wave holds distinct changes
         tried, helped = read_history(state.results + [{"description": d, "status": "pending"}
                                                       for d in state.pending])
+        allowed = allowed_names(state.program, files)  # program.md's "Constants to explore"
         fresh, weights, count = [], [], 0  # count: the constants seen, for the messages
         for file, text in files.items():
             constants, label = read_constants(text, file), f"{file}:" if prefix else ""
             count += len(constants)
-            for c in candidate_changes(constants):
+            for c in eligible(candidate_changes(constants), allowed, file):
                 if not any(_key(label + name, value) in tried for name, value in c.items()):
                     fresh.append((file, c))
                     weights.append(PREFERRED_WEIGHT if self._helped(c, constants, helped, label) else 1)
         if not fresh:
-            raise ProposalError(self._stuck(state, files, count))
+            raise ProposalError(self._stuck(state, files, count, allowed))
         # seeded by (seed, experiment, rows): the same state always gives the same proposal
         rng = random.Random(f"{self.seed}:{state.experiment}:{len(state.results)}")
         file, changes = rng.choices(fresh, weights)[0]
@@ -313,7 +386,7 @@ class OfflineAgent:
         return _direction(label + name, constants[name], new) in helped
 
     @staticmethod
-    def _stuck(state: State, files: dict, count: int) -> str:
+    def _stuck(state: State, files: dict, count: int, allowed: set[str] | None = None) -> str:
         """Why there is no proposal: no knobs at all (say what to add), or all of them tried."""
         names = " and ".join(state.files)
         if not any(numeric(read_constants(text, file)) for file, text in files.items()):
@@ -322,6 +395,12 @@ class OfflineAgent:
                     "0.01` or `STEPS = 300`: put the knobs you want tuned at the top of "
                     f"{names} (and use them in its code), or use an LLM agent (--agent openai), "
                     "which can edit any code.")
+        if allowed is not None:
+            listed = ", ".join(sorted(name.split(":", 1)[1] for name in allowed))
+            return (f"The offline agent has run out of new changes to the constants program.md "
+                    f"lets it explore ({listed}): every nearby value was already tried. List "
+                    "more names under '## Constants to explore' in program.md (or remove the "
+                    "section to explore them all), commit it, then go on.")
         return (f"The offline agent has run out of new changes: every nearby value "
                 f"of the {count} constants in {names} was already tried. "
                 "Stop the loop, or go on with an LLM agent (make_agent('openai')).")
