@@ -39,6 +39,13 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_REPR_RE = re.compile(r"^\s*(HBox|VBox|FloatProgress|IntProgress|HTML|Output|Button|Label)\(")
 TEMP_PATH_RE = re.compile(r"(/private)?/(tmp|var/folders/[^\s'\"/]+/[^\s'\"/]+/T)/")
 
+# The markdown cell right before it, with this notebook's running times (e.g. "1 minute").
+SETUP_MARKDOWN = ("**Before you start.** Running time: about {quick} in quick mode on a CPU (the default), "
+                  "about {t4} in full mode on a Colab T4 GPU, about {cpu} in full mode on a laptop CPU. "
+                  "On Colab, run the install cell, then Runtime → Restart runtime, and run the notebook "
+                  "from the top.")
+SETUP_MARKDOWN_RE = re.compile(re.escape(SETUP_MARKDOWN).replace(r"\{quick\}", "(.+?)")
+                               .replace(r"\{t4\}", "(.+?)").replace(r"\{cpu\}", "(.+?)") + "$")
 # The first code cell of every notebook, exactly (tests/test_notebooks_policy.py checks it).
 SETUP_CELL = f'''\
 # Set-up: quick or full mode, the kit on Colab, and the machine these outputs come from
