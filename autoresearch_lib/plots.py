@@ -159,3 +159,34 @@ def loop_diagram(ax=None):
     ax.set_ylim(-0.3, 3.6)
     ax.axis("off")
     return ax
+
+
+def token_boundaries(pieces: list[str], ax=None, width: int = 64,
+                     colours: tuple[str, ...] = ("#ffd591", "#91caff", "#b7eb8f", "#ffadd2")):
+    """A passage drawn token by token, each on its own background colour, so the boundaries
+    show. `pieces` are the tokens' texts in order; spaces are drawn as '·', lines wrap at
+    `width` characters and at newlines."""
+    rows, row, used = [], [], 0
+    for i, piece in enumerate(pieces):
+        for j, part in enumerate(piece.split("\n")):
+            if j > 0 or (used + len(part) > width and row):
+                rows.append(row)
+                row, used = [], 0
+            if part:
+                row.append((part.replace(" ", "·"), colours[i % len(colours)]))
+                used += len(part)
+    rows.append(row)
+    if ax is None:
+        # a monospace character at 10 pt is 6 pt (1/12 inch) wide: one x unit per character
+        fig = plt.figure(figsize=((width + 1) / 12, 0.3 * len(rows) + 0.2))
+        ax = fig.add_axes((0, 0, 1, 1))  # the whole figure, so that x units match characters
+    for y, row in enumerate(rows):
+        x = 0
+        for text, colour in row:
+            ax.text(x, -y, text, family="monospace", fontsize=10, va="center",
+                    bbox=dict(boxstyle="square,pad=0.02", fc=colour, ec="none"))
+            x += len(text)
+    ax.set_xlim(-0.5, width + 0.5)
+    ax.set_ylim(-len(rows) + 0.4, 0.6)
+    ax.axis("off")
+    return ax

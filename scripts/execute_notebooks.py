@@ -148,7 +148,7 @@ def execute(nb: dict, path: Path, full: bool, timeout: int) -> dict:
     from nbclient import NotebookClient
 
     os.environ["AUTORESEARCH_QUICK"] = "0" if full else "1"  # the kernel inherits it
-    node = nbformat.from_dict(nb)
+    node = nbformat.reads(json.dumps(nb), as_version=4)  # sources as strings, as nbclient expects
     NotebookClient(node, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     return json.loads(nbformat.writes(node))
