@@ -93,15 +93,20 @@ def last_state(text: str) -> str:
 
 
 def clean_outputs(outputs: list[dict]) -> list[dict]:
-    cleaned = []
+    merged = []  # consecutive pieces of one stream joined first, so carriage returns resolve across them
     for out in outputs:
+        if (out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                and merged[-1]["name"] == out["name"]):
+            merged[-1] = dict(merged[-1], text=source({"source": merged[-1]["text"]}) + source({"source": out["text"]}))
+        else:
+            merged.append(out)
+    cleaned = []
+    for out in merged:
         kind = out.get("output_type")
         if kind == "stream":
-            text = last_state(clean_text(source({"source": out.get("text", "")})))
-            if cleaned and cleaned[-1].get("output_type") == "stream" and cleaned[-1]["name"] == out["name"]:
-                cleaned[-1]["text"] = last_state(cleaned[-1]["text"] + text)
+            out = dict(out, text=last_state(clean_text(source({"source": out.get("text", "")}))))
+            if not out["text"].strip():
                 continue
-            out = dict(out, text=text)
         elif kind in ("display_data", "execute_result"):
             data = dict(out.get("data", {}))
             if WIDGET_MIME in data:
@@ -114,7 +119,7 @@ def clean_outputs(outputs: list[dict]) -> list[dict]:
                     data[mime] = clean_text(source({"source": value})) if isinstance(value, (str, list)) else value
             out = dict(out, data=data)
         cleaned.append(out)
-    return [o for o in cleaned if not (o.get("output_type") == "stream" and not o["text"].strip())]
+    return cleaned
 
 
 def clean(nb: dict) -> dict:
