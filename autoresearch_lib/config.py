@@ -15,12 +15,33 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 QUICK_ENV = "AUTORESEARCH_QUICK"
+# Where the kit is published: the notebooks' Colab install cell and badges use this address.
+# A placeholder until the kit is published there: change it here, and
+# `python scripts/execute_notebooks.py --fix-setup` rewrites the notebooks' install cells and badges.
+REPO_URL = "https://github.com/autoresearch-kit/autoresearch-kit"
 MODEL_FILE = "model.pt"  # what a run saves in its folder (harness) and the runner then scores
 
 
 def quick_mode() -> bool:
     """True when AUTORESEARCH_QUICK=1: everything runs in seconds on a CPU."""
     return os.environ.get(QUICK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def describe_machine() -> str:
+    """One line saying which mode and hardware a notebook ran in, e.g.
+    "quick mode (preset 'quick') on CPU (2 cores, float32), torch 2.13.0+cpu"."""
+    import torch
+
+    from .harness import detect_device, detect_precision  # imported here: it pulls in torch
+
+    device = detect_device()
+    if device.type == "cuda":
+        where = f"CUDA ({torch.cuda.get_device_name(device)}"
+    else:
+        where = f"{device.type.upper()} ({os.cpu_count()} cores"
+    dtype = str(detect_precision(device)).removeprefix("torch.")
+    mode = "quick" if quick_mode() else "full"
+    return f"{mode} mode (preset {auto_preset()!r}) on {where}, {dtype}), torch {torch.__version__}"
 
 
 @dataclass

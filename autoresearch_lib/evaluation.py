@@ -34,6 +34,18 @@ class EvalResult:
         return head + "".join(f"\n--- sample {i + 1} ---\n{s}" for i, s in enumerate(self.samples))
 
 
+def unigram_bpb(prepared: data.Prepared, eval_tokens: int | None = None) -> float:
+    """Bits per byte of a unigram model — each token's frequency in the training split, with
+    add-one smoothing — on the validation tokens (the first `eval_tokens`, or all), `<|bos|>`
+    skipped as the metric does. The first baseline a trained model must beat: it knows which
+    tokens are common and nothing about context."""
+    lengths = prepared.token_bytes()
+    train, val = np.asarray(prepared.tokens("train")), np.asarray(prepared.tokens("val"))[:eval_tokens]
+    probs = (np.bincount(train, minlength=prepared.vocab_size) + 1) / (len(train) + prepared.vocab_size)
+    val = val[lengths[val] > 0]
+    return float(-np.log2(probs[val]).sum() / lengths[val].sum())
+
+
 def load_model(checkpoint: str | Path, device: str = "auto"):
     """(model, settings, prepared data) rebuilt from a checkpoint written by the harness."""
     path = Path(checkpoint)

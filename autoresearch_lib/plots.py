@@ -133,3 +133,78 @@ def loss_curve(losses: list[tuple[int, float]], ax=None, label: str | None = Non
     if label:
         ax.legend()
     return ax
+
+
+
+def loop_diagram(ax=None):
+    """The research loop as boxes and arrows: propose → commit → train (fixed budget) → val_bpb →
+    keep or reset → propose again, forever. For notebooks and slides."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.2))
+    boxes = {  # name: (x, y, text, colour), in a 10 x 4 drawing
+        "propose": (1.2, 3.0, "the agent edits\ntrain.py", "#dbe9f6"),
+        "commit": (3.7, 3.0, "git commit", "#dbe9f6"),
+        "train": (6.2, 3.0, "train for the\nfixed budget", "#fde9c9"),
+        "measure": (8.7, 3.0, "measure\nval_bpb", "#fde9c9"),
+        "better": (8.7, 1.0, "lower than\nthe best?", "#eeeeee"),
+        "keep": (5.0, 1.0, "keep: the branch\nadvances", "#d5f0d5"),
+        "reset": (1.2, 1.0, "reset: git reset\nto the best", "#f6d5d5"),
+    }
+    w, h = 2.0, 0.9
+    for x, y, text, colour in boxes.values():
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
+                                    fc=colour, ec="#555555", lw=1))
+        ax.text(x, y, text, ha="center", va="center", fontsize=9)
+
+    def arrow(a, b, text="", rad=0.0, dy=0.15):
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=14, color="#444444",
+                                     connectionstyle=f"arc3,rad={rad}", lw=1.2, shrinkA=2, shrinkB=2))
+        if text:
+            ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + dy, text, ha="center", fontsize=8, color="#444444")
+
+    for a, b in [("propose", "commit"), ("commit", "train"), ("train", "measure")]:
+        arrow((boxes[a][0] + w / 2 + 0.05, 3.0), (boxes[b][0] - w / 2 - 0.05, 3.0))
+    arrow((8.7, 3.0 - h / 2 - 0.05), (8.7, 1.0 + h / 2 + 0.05))
+    arrow((8.7 - w / 2 - 0.05, 1.0), (5.0 + w / 2 + 0.05, 1.0), "yes")
+    arrow((8.7 - 0.3, 1.0 - h / 2 - 0.05), (1.2 + 0.3, 1.0 - h / 2 - 0.05), "no, or a crash", rad=-0.12, dy=-0.75)
+    arrow((5.0 - 0.4, 1.0 + h / 2 + 0.05), (1.2 + 0.6, 3.0 - h / 2 - 0.05), rad=0.15)
+    arrow((1.2, 1.0 + h / 2 + 0.05), (1.2, 3.0 - h / 2 - 0.05))
+    ax.text(4.0, 2.0, "each experiment: a row in results.tsv,\nthen the loop starts again, forever",
+            ha="left", va="center", fontsize=8, style="italic", color="#444444")
+    ax.set_xlim(0, 10)
+    ax.set_ylim(-0.3, 3.6)
+    ax.axis("off")
+    return ax
+
+
+def token_boundaries(pieces: list[str], ax=None, width: int = 64,
+                     colours: tuple[str, ...] = ("#ffd591", "#91caff", "#b7eb8f", "#ffadd2")):
+    """A passage drawn token by token, each on its own background colour, so the boundaries
+    show. `pieces` are the tokens' texts in order; spaces are drawn as '·', lines wrap at
+    `width` characters and at newlines."""
+    rows, row, used = [], [], 0
+    for i, piece in enumerate(pieces):
+        for j, part in enumerate(piece.split("\n")):
+            if j > 0 or (used + len(part) > width and row):
+                rows.append(row)
+                row, used = [], 0
+            if part:
+                row.append((part.replace(" ", "·"), colours[i % len(colours)]))
+                used += len(part)
+    rows.append(row)
+    if ax is None:
+        # a monospace character at 10 pt is 6 pt (1/12 inch) wide: one x unit per character
+        fig = plt.figure(figsize=((width + 1) / 12, 0.3 * len(rows) + 0.2))
+        ax = fig.add_axes((0, 0, 1, 1))  # the whole figure, so that x units match characters
+    for y, row in enumerate(rows):
+        x = 0
+        for text, colour in row:
+            ax.text(x, -y, text, family="monospace", fontsize=10, va="center",
+                    bbox=dict(boxstyle="square,pad=0.02", fc=colour, ec="none"))
+            x += len(text)
+    ax.set_xlim(-0.5, width + 0.5)
+    ax.set_ylim(-len(rows) + 0.4, 0.6)
+    ax.axis("off")
+    return ax
