@@ -298,8 +298,9 @@ class _Loop:
             return self.baseline(t)
         if ws.head() != best[0][:7]:
             ws.reset_to(best[0])
+        state = self.state(t)  # outside the try: a damaged workspace is not the agent's fault
         try:
-            t.proposal = _usable(self.agent.propose(self.state(t)))
+            t.proposal = _usable(self.agent.propose(state))
         except ProposalError as e:
             return self.no_proposal(t, str(e))
         except Exception as e:  # a bug in the agent; KeyboardInterrupt and SystemExit still stop us
@@ -615,7 +616,7 @@ class _Loop:
             for attempt in range(REPEAT_TRIES):
                 t = _Trial(ws.next_index() + slot, ws.results(), best, wave=number)
                 state = self.state(t, pending=[x.proposal.description for x in trials])
-                try:
+                try:  # (the state outside it: a damaged workspace is not the agent's fault)
                     t.proposal = _usable(self.agent.propose(state))
                 except ProposalError as e:
                     t.index = ws.next_index()

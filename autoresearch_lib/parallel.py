@@ -170,9 +170,10 @@ class Engine:
             self._check_reachable()
             try:
                 if self.address:
-                    ray.init(address=self.address, log_to_driver=False)
+                    ray.init(address=self.address, log_to_driver=False, logging_level=logging.ERROR)
                 else:
-                    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+                    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                             logging_level=logging.ERROR)
             except ConnectionError as e:
                 raise ParallelError(f"could not reach the Ray cluster at {self.address}: {e}. Is "
                                     "`ray start --head` running there, and is the address the one "

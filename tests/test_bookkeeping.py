@@ -188,7 +188,7 @@ def test_a_run_the_user_stopped_is_not_recorded_and_its_forged_row_does_not_stay
 
     def forge_then_stop(script_text, settings, run_dir, stop=None, **kwargs):
         with open(ws.results_path, "a") as f:
-            f.write("\t".join(["abcdef0", "0.100000", "1.0", "keep", "while stopping"] + [""] * 14) + "\n")
+            f.write("\t".join(["abcdef0", "0.100000", "1.0", "keep", "while stopping"] + [""] * (len(RESULTS_COLUMNS) - 5)) + "\n")
         stop.set()  # the user pressed stop while this run trained
         return TrainResult(status="stopped", reason="stopped by the user")
 
@@ -202,7 +202,7 @@ def test_a_run_the_user_stopped_is_not_recorded_and_its_forged_row_does_not_stay
 @pytest.mark.parametrize("forgery", ["made up", "a copy of a genuine row", "a genuine row, edited"])
 def test_a_row_forged_between_loops_is_refused_and_open_moves_it_out(ws, forgery):
     root, genuine = ws.head(), ws.results_path.read_text().splitlines()[1]
-    line = {"made up": "\t".join(["abcdef0", "0.100000", "1.0", "keep", "by hand"] + [""] * 14),
+    line = {"made up": "\t".join(["abcdef0", "0.100000", "1.0", "keep", "by hand"] + [""] * (len(RESULTS_COLUMNS) - 5)),
             "a copy of a genuine row": genuine,  # signed, but for row 0, not row 1
             "a genuine row, edited": genuine.replace("1.000000", "0.100000")}[forgery]
     with open(ws.results_path, "a") as f:
