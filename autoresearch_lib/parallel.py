@@ -184,9 +184,13 @@ class Engine:
                                     "started for the run.") from None
         total = ray.cluster_resources()
         self.gpus, self.cpus = int(total.get("GPU", 0)), int(total.get("CPU", 0))
+        self.gpu_type = None
         if self.gpus:  # one whole GPU each: two experiments never share a card, and the CPUs
             # of its node shared out per GPU (data loading, Python; Ray sets OMP_NUM_THREADS)
             self.options = {"num_gpus": 1, "num_cpus": _cpus_per_gpu(ray.nodes())}
+            self.gpu_type = one_gpu_type(total)
+            if self.gpu_type:  # a mixed cluster: every experiment on one type, so they compare
+                self.options["accelerator_type"] = self.gpu_type
         else:
             self.options = {"num_cpus": max(1, self.cpus // parallel)}
         self.remote = ray.remote(max_retries=0)(run_remote)
@@ -215,6 +219,9 @@ class Engine:
                 else f"{self.options['num_cpus']} CPU(s)")
         text = (f"{self.parallel} experiments at once on {place} ({self.gpus} GPU(s), "
                 f"{self.cpus} CPU(s); {each} each)")
+        if self.gpu_type:
+            text += (f"; the cluster mixes GPU types, so every experiment runs on its "
+                     f"{self.gpu_type} GPUs only (their numbers compare)")
         if self.gpus and self.parallel > self.gpus:
             text += (f"; with {self.gpus} GPU(s) only {self.gpus} run at a time, the others "
                      "queue: never two on one GPU")
@@ -339,6 +346,15 @@ class Engine:
         self.cancel(list(self.jobs.values()), patience=5.0)
         if self.owns and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def one_gpu_type(resources: dict) -> str | None:
+    """On a cluster of mixed GPU types, the type to run every experiment on (the one the most
+    nodes have; Ray marks each node with `accelerator_type:<type>`); None if there is one type."""
+    types = {k.split(":", 1)[1]: v for k, v in resources.items() if k.startswith("accelerator_type:")}
+    if len(types) < 2:
+        return None
+    return max(sorted(types), key=lambda t: types[t])
 
 
 def _cpus_per_gpu(nodes: list[dict]) -> int:

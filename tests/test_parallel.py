@@ -285,6 +285,21 @@ def test_a_gpu_preset_on_a_cluster_without_gpus_is_refused_at_once(tmp_path, loc
     assert ray.is_initialized()  # not its instance: left running
 
 
+def test_a_mixed_gpu_cluster_runs_every_experiment_on_one_type():
+    """Experiments on an A100 and on an H100 don't compare under one time budget: on a cluster of
+    both, every experiment asks Ray for the type most nodes have; one type: no constraint."""
+    from autoresearch_lib.parallel import _cpus_per_gpu, one_gpu_type
+
+    mixed = {"CPU": 96, "GPU": 12, "accelerator_type:H100": 2.0, "accelerator_type:A100": 1.0}
+    assert one_gpu_type(mixed) == "H100"
+    assert one_gpu_type({"CPU": 64, "GPU": 8, "accelerator_type:H100": 1.0}) is None
+    assert one_gpu_type({"CPU": 4}) is None
+    # and each GPU experiment gets its node's CPUs per GPU; a CPU-only head doesn't count
+    nodes = [{"Resources": {"CPU": 64}}, {"Resources": {"CPU": 32, "GPU": 2}},
+             {"Resources": {"CPU": 8, "GPU": 1}}]
+    assert _cpus_per_gpu(nodes) == 8
+
+
 def test_without_ray_installed_the_error_says_what_to_install(tmp_path, cache, monkeypatch):
     ws = new_workspace(tmp_path, cache)
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
