@@ -191,7 +191,7 @@ def test_corrupt_lines_name_the_file_and_line(tmp_path):
     ws.append_result(row("aaaaaaa", 1.5))
     with open(ws.results_path, "a") as f:
         f.write("bbbbbbb\t1.4\tkeep\n")
-    with pytest.raises(ResultsError, match=r"results.tsv, line 3: expected 19 .* found 3"):
+    with pytest.raises(ResultsError, match=rf"results.tsv, line 3: expected {len(RESULTS_COLUMNS)} .* found 3"):
         ws.results()
     ws.results_path.write_text(ws.results_path.read_text().replace("1.500000", "fast"))
     with pytest.raises(ResultsError, match=r"line 2: val_bpb should be a number"):
