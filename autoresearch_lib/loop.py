@@ -298,13 +298,9 @@ class _Loop:
             return self.baseline(t)
         if ws.head() != best[0][:7]:
             ws.reset_to(best[0])
-        state = self.state(t)  # outside the try: a damaged workspace is not the agent's fault
-        try:
-            t.proposal = _usable(self.agent.propose(state))
-        except ProposalError as e:
-            return self.no_proposal(t, str(e))
-        except Exception as e:  # a bug in the agent; KeyboardInterrupt and SystemExit still stop us
-            return self.agent_error(t, e)
+        failed = self.ask(t, self.state(t))
+        if failed is not None:
+            return failed
         if self.stopping:
             return self.stopped(t)
         t.commit = ws.commit(t.proposal.description, t.proposal.files)
@@ -315,6 +311,18 @@ class _Loop:
             return self.stopped(t)
         exp = self.judge(t, result)
         return self.stopped(t) if exp is None else self.record(t, exp)
+
+    def ask(self, t: _Trial, state: State) -> Experiment | None:
+        """Ask the agent for t's proposal (into t.proposal); a failure is recorded as its crash
+        row and returned. `state` is built by the caller: a damaged workspace is not the agent's
+        fault, and must not be recorded as if it were."""
+        try:
+            t.proposal = _usable(self.agent.propose(state))
+        except ProposalError as e:
+            return self.no_proposal(t, str(e))
+        except Exception as e:  # a bug in the agent; KeyboardInterrupt and SystemExit still stop us
+            return self.agent_error(t, e)
+        return None
 
     def judge(self, t: _Trial, result: TrainResult) -> Experiment | None:
         """The candidate's verdict from its first run (re-running what the rule asks for); None
@@ -616,15 +624,10 @@ class _Loop:
             for attempt in range(REPEAT_TRIES):
                 t = _Trial(ws.next_index() + slot, ws.results(), best, wave=number)
                 state = self.state(t, pending=[x.proposal.description for x in trials])
-                try:  # (the state outside it: a damaged workspace is not the agent's fault)
-                    t.proposal = _usable(self.agent.propose(state))
-                except ProposalError as e:
-                    t.index = ws.next_index()
-                    done.append(self.no_proposal(t, str(e)))
-                    break
-                except Exception as e:
-                    t.index = ws.next_index()
-                    done.append(self.agent_error(t, e))
+                t.index = ws.next_index()  # its row, should the proposal fail (recorded at once)
+                failed = self.ask(t, state)
+                if failed is not None:
+                    done.append(failed)
                     break
                 t.commit = ws.commit(t.proposal.description, t.proposal.files)
                 tree = ws.trees([t.commit])

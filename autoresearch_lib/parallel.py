@@ -38,8 +38,10 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Settings
+from .records import write_atomic
 from .redact import is_secret_name
-from .runner import TrainResult
+from .runner import TrainResult, run_training
+from .tasks import Task, changed_files, run_task
 
 log = logging.getLogger(__name__)
 INSTALL = 'pip install -e ".[ray]"  (or: pip install "ray>=2.9"; in a notebook, %pip install)'
@@ -97,9 +99,6 @@ def run_remote(tag: int, first, second, fixed: dict | None, env: dict, mailbox) 
     fixed: a task's fixed files {relative path: bytes}, written out here when this node doesn't
     have the task's folder. env: the driver's AUTORESEARCH_* settings (quick mode, sandbox).
     """
-    from .runner import run_training
-    from .tasks import Task, run_task
-
     os.environ.update(env)
     here = where()
     mailbox.post.remote((tag, "started", here))
@@ -122,8 +121,6 @@ def run_remote(tag: int, first, second, fixed: dict | None, env: dict, mailbox) 
 def _task_on_this_node(task, fixed: dict, scratch: Path):
     """The task, with its folder on this node: its own if it has the same fixed files, else a
     copy written from `fixed` (a node of a cluster without the driver's folders)."""
-    from .tasks import changed_files
-
     if task.folder.is_dir() and not changed_files(task.folder, task.fixed):
         return task
     folder = scratch / "task"
@@ -198,6 +195,7 @@ class Engine:
         self.jobs: dict[object, Job] = {}
         self.tags = iter(range(10**9))
         self._warned: set[int] = set()
+        self._shipped: dict = {}  # a task's fixed files, as sent to the workers
 
     def _check_reachable(self) -> None:
         """A host:port nobody listens on: say so now (ray.init may wait on it for ever)."""
@@ -241,9 +239,10 @@ class Engine:
 
     def submit(self, first, second, on_progress=None, on_line=None, on_start=None) -> Job:
         """Start one experiment (see run_remote for first and second); returns its Job at once."""
-        from .tasks import Task
-
-        fixed = _fixed_files(first) if isinstance(first, Task) else None
+        fixed = None
+        if isinstance(first, Task):  # read once per task, not once per experiment
+            key = (str(first.folder), first.digest)
+            fixed = self._shipped.get(key) or self._shipped.setdefault(key, _fixed_files(first))
         env = {k: v for k, v in os.environ.items()
                if k.startswith("AUTORESEARCH_") and not is_secret_name(k)}
         tag = next(self.tags)
@@ -323,7 +322,6 @@ class Engine:
         result, text = self.result(job)
         if log_path:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            from .records import write_atomic
             write_atomic(Path(log_path), text.encode("utf-8", "replace"))
             result.log_path = str(log_path)
         return result

@@ -137,16 +137,17 @@ def clean(nb: dict) -> dict:
 
 
 def fix_setup(nb: dict) -> dict:
-    """The notebook with SETUP_CELL as its first code cell, a "Before you start" cell before it (running
-    times TODO: measure them), and Colab badges at REPO_URL."""
+    """The notebook with SETUP_CELL as its first code cell, a "Before you start" cell before it (with
+    UNMEASURED in place of the running times, which the policy test refuses until you write the
+    times you measured), and Colab badges at REPO_URL."""
     nb = json.loads(json.dumps(nb))
     i = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code")
     if source(nb["cells"][i]) != SETUP_CELL:  # what the old cell also did must move to the next cells
         nb["cells"][i].update(source=SETUP_CELL, outputs=[], execution_count=None)
     before = nb["cells"][i - 1] if i else {"cell_type": "code"}
     if before["cell_type"] != "markdown" or not SETUP_MARKDOWN.split("{")[0] in source(before):
-        todo = SETUP_MARKDOWN.format(quick="TODO", t4="TODO", cpu="TODO")  # the policy test fails until measured
-        nb["cells"].insert(i, {"cell_type": "markdown", "metadata": {}, "source": todo})
+        unmeasured = SETUP_MARKDOWN.format(quick="UNMEASURED", t4="UNMEASURED", cpu="UNMEASURED")
+        nb["cells"].insert(i, {"cell_type": "markdown", "metadata": {}, "source": unmeasured})
     for cell in nb["cells"]:
         if cell["cell_type"] == "markdown":
             cell["source"] = COLAB_RE.sub(COLAB_PREFIX, source(cell))
