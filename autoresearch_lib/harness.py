@@ -43,8 +43,20 @@ SETTINGS_ENV = "AUTORESEARCH_SETTINGS"  # path of the settings.json the runner w
 RUNNER_ENV = "AUTORESEARCH_RUNNER"  # set when the runner started this process
 # warm-up steps that may stay off the budget (compilation happens in the first ones)
 MAX_EXCLUDED_STEPS = {"cuda": 3}  # other devices: 1
-# when the experiment's process started: the runner passes it; else the harness's import time
+# when the experiment was asked for: the runner passes it; else the harness's import time
 T_PROCESS_START = float(os.environ.get("AUTORESEARCH_T0", time.time()))
+T_HARNESS_IMPORTED = time.time()  # train.py imports torch first, so torch's import is before this
+
+
+def process_started() -> float | None:
+    """When this Python process started (time.time() scale), from /proc; None where unknown."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    started = time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    return started if T_PROCESS_START - 1 <= started <= T_HARNESS_IMPORTED else None
 
 # Dense peak TFLOP/s of common cards, for MFU: (bf16/fp16 tensor-core peak).
 PEAK_TFLOPS = {
@@ -192,6 +204,7 @@ class Run:
         print(f"device: {self.device} ({self.device_name}) | precision: {self.precision} | "
               f"budget: {settings.budget:g}s | data: {settings.dataset}, "
               f"{self.data.train_tokens:,} train tokens, vocab {self.vocab_size}", flush=True)
+        self.t_setup_done = time.time()
 
     # ------------------------------------------------------------------ device and precision
     @property
@@ -209,8 +222,17 @@ class Run:
         return autocast(self.device, self.dtype)
 
     def compile(self, model):
-        """torch.compile where it pays (CUDA); elsewhere the model itself."""
+        """torch.compile where it pays (CUDA); elsewhere the model itself.
+
+        The runner keeps torch.compile's caches between experiments, so a train.py compiled
+        before starts in seconds. AOTAutograd's cache skips graphs holding a custom
+        autograd.Function (train.py's loss) unless allowed: allowed, a warm start compiles in
+        5 s instead of 12-15 s (H200). Dynamo traces the function's forward and backward into the
+        graph, so an edit to either changes the cache key."""
         if self.device.type == "cuda" and os.environ.get("AUTORESEARCH_COMPILE", "1") != "0":
+            import torch._functorch.config
+
+            torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
             return torch.compile(model, dynamic=False)
         return model
 
@@ -236,6 +258,7 @@ class Run:
         self.exclude_steps = most if exclude_steps is None else max(0, min(int(exclude_steps), most))
         self.peak = peak_flops(self.device)
         self._t_last = self.t_begin = time.time()
+        self.t_first_step = None
         self.excluded_seconds, self.last_dt = 0.0, 0.0
         self._t_printed = 0.0
         self.t_training_start = None  # set once the excluded steps are done
@@ -264,6 +287,7 @@ class Run:
         else:  # compilation and warm-up: not on the budget
             self.excluded_seconds += dt
             self.t_training_start = now
+            self.t_first_step = self.t_first_step or now
         if not math.isfinite(loss) or loss > 100:
             fail("nan_loss", f"training diverged, loss={loss} at step {self.step}")
             raise TrainingDiverged(f"loss is {loss} at step {self.step}")
@@ -271,6 +295,8 @@ class Run:
         if self.step <= 5 or now - self._t_printed >= 1.0 or self.done:
             self._t_printed = now
             self._print_progress(loss, lrm, dt)
+        if self.step == self.exclude_steps:  # the clock starts now: say where the time went
+            print(self.startup_line(), flush=True)
 
     def _print_progress(self, loss: float, lrm: float, dt: float) -> None:
         tok_s = self.tokens_per_step / max(dt, 1e-9)
@@ -279,6 +305,22 @@ class Run:
         print(f"step {self.step:05d} ({100 * self.progress:.1f}%) | loss: {loss:.6f} | "
               f"lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | tok/sec: {tok_s:,.0f} | "
               f"mfu: {mfu:.1f}% | epoch: {self.epoch} | remaining: {remaining:.0f}s", flush=True)
+
+    def startup_line(self) -> str:
+        """Where the start-up went, from the ask to the end of the warm-up steps, e.g.
+        `start-up: 9.8s = launch 0.3 + python and imports 3.1 + device and data 1.2 + model 0.6 +
+        first step (compilation) 4.0 + warm-up 0.6`. Everything before the clock starts counts
+        against no budget, but it is paid by every experiment."""
+        started = process_started()
+        parts = ([("launch", started - T_PROCESS_START), ("python and imports", T_HARNESS_IMPORTED - started)]
+                 if started else [("launch, python and imports", T_HARNESS_IMPORTED - T_PROCESS_START)])
+        parts += [("device and data", self.t_setup_done - T_HARNESS_IMPORTED),
+                  ("model", self.t_begin - self.t_setup_done),
+                  ("first step" + (" (compilation)" if self.device.type == "cuda" else ""),
+                   self.t_first_step - self.t_begin),
+                  ("warm-up", self.t_training_start - self.t_first_step)]
+        total = self.t_training_start - T_PROCESS_START
+        return f"start-up: {total:.1f}s = " + " + ".join(f"{name} {max(0.0, t):.1f}" for name, t in parts)
 
     def mfu(self, tokens_per_second: float) -> float:
         """Model FLOPs utilisation in percent of the card's peak (0 where unknown, e.g. CPU)."""

@@ -71,8 +71,9 @@ def describe(label, times):
                 median_tok_s=2 * B * T / med, mean_tok_s=2 * B * T / mean)
 
 
-def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False):
+def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, regional=False):
     torch.manual_seed(0)
+    t_build = time.time()
     width = m.DEPTH * m.ASPECT_RATIO
     cfg = m.GPTConfig(sequence_len=T, vocab_size=V, n_layer=m.DEPTH, n_head=width // m.HEAD_DIM,
                       n_embd=width, window_pattern=pattern)
@@ -81,11 +82,18 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False):
     opts = m.make_optimizers(model, fused=True)
     if plain_loss:  # F.cross_entropy on the soft-capped logits, instead of the model's own loss
         loss_fn = lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # noqa: E731
+    elif regional:  # each block compiled on its own; identical blocks share the compiled code
+        for block in model.blocks:
+            block.compile(dynamic=False, mode=mode)
+        loss_fn = model
     else:
         loss_fn = model  # model(x, y) is the loss
-    loss_fn = torch.compile(loss_fn, dynamic=False, mode=mode)
+    if not regional:
+        loss_fn = torch.compile(loss_fn, dynamic=False, mode=mode)
+    model.masks(T, "cuda")  # as train.py's main(): built before the first compiled call
     loader = data.make_dataloader(random_documents(), V - 1, B, T, "cuda")
     x, y, _ = next(loader)
+    t_built = time.time()
 
     def step():
         nonlocal x, y
@@ -100,11 +108,19 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False):
         return loss.detach()
 
     t0 = time.time()
-    for _ in range(3):
+    float(step())
+    t1 = time.time()
+    for _ in range(2):
         float(step())
-    print(f"windows {pattern}{' (F.cross_entropy)' if plain_loss else ''}: compile + warm-up "
-          f"{time.time() - t0:.0f} s", flush=True)
-    result = dict(windows=pattern, mode=mode, plain_loss=plain_loss,
+    t3 = time.time()
+    print(f"windows {pattern} ({m.WINDOW_KERNEL}){' (F.cross_entropy)' if plain_loss else ''}"
+          f"{' regional' if regional else ''}: model and loader {t_built - t_build:.1f} s, step 1 "
+          f"(compilation) {t1 - t0:.1f} s, steps 2-3 {t3 - t1:.1f} s", flush=True)
+    names, seconds = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)  # by phase
+    phases = {n: round(float(t), 2) for n, t in zip(names, seconds)}
+    print("  compile phases (s):", phases, flush=True)
+    result = dict(windows=pattern, kernel=m.WINDOW_KERNEL, mode=mode, plain_loss=plain_loss,
+                  regional=regional, compile_phases=phases, build_s=t_built - t_build, step1_s=t1 - t0, warmup_s=t3 - t1,
                   steps=describe("steps", step_times(step, steps)))
     # the optimizer alone, after one more backward
     for _ in range(2):
@@ -177,7 +193,7 @@ def time_fwd_bwd(fn, q, k, v, go, n=20):
     return (time.perf_counter() - t0) / n * 1000
 
 
-def bench_attention(autotune=False):
+def bench_attention(autotune=False, sweep=False):
     from torch.nn.attention import flex_attention as fa
     print("FlexKernelOptions keys:", sorted(getattr(fa, "FlexKernelOptions", dict).__annotations__), flush=True)
     torch._dynamo.config.recompile_limit = 64  # one compilation per set of kernel options
@@ -204,12 +220,45 @@ def bench_attention(autotune=False):
         except Exception as e:  # noqa: BLE001 - a backend may be missing on this card
             print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}")
 
+    # PyTorch's FlashAttention kernels with a window: (B, T, H, D) layout, checked against a dense mask
+    def flash(q, k, v, window=W):
+        out = torch.ops.aten._flash_attention_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, T, T, 0.0, True, False,
+            window_size_left=window - 1, window_size_right=0)[0]
+        return out.transpose(1, 2)
+
+    try:
+        i = torch.arange(T, device="cuda")
+        dense = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)
+        few = [t[:2].detach().requires_grad_() for t in (q, k, v)]
+        want = F.scaled_dot_product_attention(*few, attn_mask=dense)
+        want.backward(go[:2])
+        want_grads = [t.grad for t in few]
+        for t in few:
+            t.grad = None
+        got = flash(*few)
+        got.backward(go[:2])
+        gaps = [(got - want).abs().max().item()] + [(t.grad - g).abs().max().item() for t, g in zip(few, want_grads)]
+        print(f"  flash window vs dense mask: largest gap output {gaps[0]:.3g}, grads {max(gaps[1:]):.3g}", flush=True)
+        rows["flash window gaps"] = gaps
+        report("flash window (aten, B T H D in)", time_fwd_bwd(flash, q, k, v, go), window_flops)
+        report("flash causal (aten)", time_fwd_bwd(lambda q, k, v: flash(q, k, v, T + 1), q, k, v, go), causal_flops)
+        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        got = time_fwd_bwd(lambda q, k, v: torch.ops.aten._flash_attention_forward(
+            q, k, v, None, None, T, T, 0.0, True, False, window_size_left=W - 1, window_size_right=0)[0],
+            qt, kt, vt, go.transpose(1, 2).contiguous())
+        report("flash window (aten, contiguous B T H D)", got, window_flops)
+        compiled_flash = torch.compile(flash, dynamic=False)
+        report("flash window (aten) under torch.compile", time_fwd_bwd(compiled_flash, q, k, v, go), window_flops)
+    except Exception as e:  # noqa: BLE001 - older torch: no window arguments
+        print(f"  flash window: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
     window = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < W), None, None, T, T, device="cuda")
     causal = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device="cuda")
     compiled = torch.compile(flex_attention, dynamic=False)
     report("flex causal (default)", time_fwd_bwd(lambda q, k, v: compiled(q, k, v, block_mask=causal), q, k, v, go),
            causal_flops)
-    for name, opts in FLEX_OPTIONS.items():
+    for name, opts in FLEX_OPTIONS.items() if sweep else [("default", {})]:
         try:
             ms = time_fwd_bwd(lambda q, k, v: compiled(q, k, v, block_mask=window, kernel_options=opts), q, k, v, go)
             report(f"flex window {name}", ms, window_flops)
@@ -231,19 +280,28 @@ if __name__ == "__main__":
     ap.add_argument("--flex-options", type=json.loads, default=None, help="FlexAttention kernel_options (JSON)")
     ap.add_argument("--plain-loss", action="store_true", help="also time F.cross_entropy as the loss")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--kernel", help="train.py's WINDOW_KERNEL for the window layers: flash, flex or mask")
+    ap.add_argument("--cache-custom-functions", action="store_true",
+                    help="AOTAutograd's cache also for graphs with a custom autograd.Function (the loss)")
+    ap.add_argument("--regional", action="store_true", help="compile each block and the head, not the model")
     ap.add_argument("--attention", action="store_true", help="time attention kernels alone")
     ap.add_argument("--autotune", action="store_true", help="with --attention: also max-autotune FlexAttention")
+    ap.add_argument("--sweep", action="store_true", help="with --attention: every FlexAttention option set")
     ap.add_argument("--script", help="a train.py at the h100 size to time instead of the baseline")
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args()
     print("card:", torch.cuda.get_device_name(0), "| torch", torch.__version__, flush=True)
     if a.attention:
-        results = bench_attention(a.autotune)
+        results = bench_attention(a.autotune, a.sweep)
     else:
         m = load_train_module(a.script)
         if a.flex_options is not None:
             m.flex_attention = functools.partial(flex_attention, kernel_options=a.flex_options)
-        results = [bench_steps(m, w, a.steps, a.profile, a.mode) for w in a.windows]
+        if a.kernel:
+            m.WINDOW_KERNEL = a.kernel
+        if a.cache_custom_functions:  # let AOTAutograd cache graphs holding an autograd.Function
+            torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+        results = [bench_steps(m, w, a.steps, a.profile, a.mode, regional=a.regional) for w in a.windows]
         if a.plain_loss:
             results.append(bench_steps(m, a.windows[0], a.steps, a.profile, a.mode, plain_loss=True))
     if a.out:

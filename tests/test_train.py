@@ -42,6 +42,17 @@ def test_the_budget_is_respected(trained):
     assert trained.startup_seconds > 0 and trained.total_seconds >= trained.training_seconds
 
 
+def test_the_log_says_where_the_start_up_went(trained):
+    """One line, printed as the clock starts: its parts add up to its total, and the total is
+    the time from asking for the run to its first timed step (the runner's clock)."""
+    line = next(line for line in open(trained.log_path) if line.startswith("start-up:"))
+    total, parts = re.match(r"start-up: ([\d.]+)s = (.*)$", line.strip()).groups()
+    seconds = {name: float(t) for name, t in re.findall(r"([a-z ()-]+?) ([\d.]+)(?: \+ |$)", parts)}
+    assert {"python and imports", "model", "first step", "warm-up"} <= set(seconds), seconds
+    assert sum(seconds.values()) == pytest.approx(float(total), abs=0.1 * len(seconds))
+    assert trained.startup_seconds <= float(total) + 0.5
+
+
 def test_evaluate_scores_the_checkpoint_and_samples(trained):
     result = ar.evaluate(trained.checkpoint, prompt="ROMEO:", num_samples=2, max_new_tokens=20)
     assert result.val_bpb == pytest.approx(trained.val_bpb, rel=1e-3)  # the same fixed val set

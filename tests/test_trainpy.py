@@ -147,14 +147,31 @@ def test_a_sliding_window_layer_sees_exactly_its_window(tmp_path):
     assert (changed[:16] > 1e-6).all() and (changed[16:] == 0).all()
 
 
-@pytest.mark.parametrize("kernel, capability, flex", [
-    ("auto", (9, 0), True), ("auto", (8, 0), True), ("auto", (7, 5), False),  # T4: the mask path
-    ("mask", (9, 0), False), ("flex", (7, 5), True)])
-def test_the_window_kernel_is_chosen_by_card_or_by_constant(tmp_path, monkeypatch, kernel, capability, flex):
+@pytest.mark.parametrize("kernel, capability, chosen", [
+    ("auto", (9, 0), "flex"), ("auto", (8, 0), "flex"), ("auto", (7, 5), "mask"),  # T4: the mask path
+    ("mask", (9, 0), "mask"), ("flex", (7, 5), "flex")])
+def test_the_window_kernel_is_chosen_by_card_or_by_constant(tmp_path, monkeypatch, kernel, capability, chosen):
     train_py = load_train_py(tmp_path, set_constant(render_train_py("quick"), "WINDOW_KERNEL", kernel))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert train_py.uses_flex_attention(torch.device("cuda")) is flex
-    assert train_py.uses_flex_attention(torch.device("cpu")) is (kernel == "flex")
+    assert train_py.window_kernel(torch.device("cuda")) == chosen
+    assert train_py.window_kernel(torch.device("cpu")) == (kernel if kernel != "auto" else "mask")
+
+
+@pytest.mark.parametrize("kernel", ["flex", "mask"])
+def test_the_compiled_model_is_one_graph_once_main_has_built_the_masks(tmp_path, kernel):
+    """A graph break costs a second trace at every start-up (~1 s warm, ~3 s cold on an H200):
+    main() builds the masks before compiling, so the compiled forward only looks them up."""
+    source = set_constant(set_constant(render_train_py("quick"), "WINDOW_KERNEL", kernel), "WINDOW_PATTERN", "SSL")
+    train_py = load_train_py(tmp_path, source)
+    model = train_py.GPT(train_py.model_config(64, 256))
+    model.init_weights()
+    x = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():  # FlexAttention has no backward on a CPU; the forward is what is traced
+        assert torch._dynamo.explain(train_py.GPT(model.config))(x).graph_break_count == 1  # masks not built
+        model.masks(64, "cpu")
+        explained = torch._dynamo.explain(model)(x, x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    assert "model.masks(run.seq_len, run.device)" in source.split("run.compile(model)")[0]
 
 
 def ill_conditioned(shape, seed=0):

@@ -92,12 +92,13 @@ def sliding_window(w):
     return mask
 
 
-def uses_flex_attention(device):
-    """FlexAttention needs CUDA and, in practice, Ampere or newer (a T4's Triton kernels run out
-    of shared memory); everywhere else the sliding window is an explicit mask for SDPA."""
+def window_kernel(device):
+    """How the sliding-window layers run: "flex" (FlexAttention: skips the blocks outside the
+    window) needs CUDA on Ampere or newer in practice (a T4's Triton kernels run out of shared
+    memory); "mask" (SDPA with an explicit boolean mask) runs anywhere, e.g. on a T4 or a CPU."""
     if WINDOW_KERNEL != "auto":
-        return WINDOW_KERNEL == "flex"
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return WINDOW_KERNEL
+    return "flex" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "mask"
 
 
 # FlexAttention is fast only compiled. This compiled version also serves the uncompiled model
@@ -207,7 +208,7 @@ class GPT(nn.Module):
         self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
         self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
         self.windows = self.window_sizes()
-        self.mask_cache = {}  # (T, window, device) -> mask: built once, reused by every step
+        self.mask_cache = {}  # (T, device) -> each layer's mask: built once, reused by every step
 
     def window_sizes(self):
         long, pattern = self.config.sequence_len, self.config.window_pattern.upper()
@@ -240,20 +241,28 @@ class GPT(nn.Module):
         attn = sum(12 * self.config.n_head * head_dim * min(w, self.config.sequence_len) for w in self.windows)
         return 6 * n_matrix + attn
 
-    @torch.compiler.disable  # masks are built outside the compiled graph, once per length
     def masks(self, T, device):
-        """Per layer: None (plain causal) for a full window, else a sliding-window mask — a
-        FlexAttention BlockMask where FlexAttention runs (fast), else a boolean matrix for SDPA."""
-        device = torch.device(device)
+        """Per layer: None (plain causal) for a full window, else the sliding window as its kernel
+        takes it: a FlexAttention BlockMask for "flex", a boolean matrix for "mask" (SDPA). Built
+        once per length and device; main() builds them before compiling, so the compiled graph
+        only looks them up (building them inside would break the graph in two)."""
+        key = (T, torch.device(device))
+        if key not in self.mask_cache:
+            self.mask_cache[key] = self.build_masks(T, key[1])
+        return self.mask_cache[key]
+
+    @torch.compiler.disable
+    def build_masks(self, T, device):
+        built = {}
         for w in set(self.windows):
-            if w < T and (T, w, device) not in self.mask_cache:
+            if w < T:
                 window = sliding_window(w)
-                if uses_flex_attention(device):
-                    self.mask_cache[T, w, device] = create_block_mask(window, None, None, T, T, device=device)
+                if window_kernel(device) == "flex":
+                    built[w] = create_block_mask(window, None, None, T, T, device=device)
                 else:
                     i = torch.arange(T, device=device)
-                    self.mask_cache[T, w, device] = window(None, None, i[:, None], i[None, :])
-        return [None if w >= T else self.mask_cache[T, w, device] for w in self.windows]
+                    built[w] = window(None, None, i[:, None], i[None, :])
+        return [built.get(w) for w in self.windows]
 
     def forward(self, idx, targets=None):
         """Token ids (B, T) → soft-capped logits (B, T, vocab), the harness's input for the metric;
@@ -405,9 +414,11 @@ def main():
 
     run = harness.setup()
     config = model_config(run.seq_len, run.vocab_size)
-    model = GPT(config).to(run.device)
+    with run.device:  # parameters are made on the device itself, not on the CPU and copied over
+        model = GPT(config)
     model.init_weights()
     adamw, muon = make_optimizers(model, fused=run.device.type == "cuda")
+    model.masks(run.seq_len, run.device)  # the attention masks, built before compiling (see masks())
     # compiled on CUDA (the loss with the model, so soft-cap and cross-entropy fuse); else the model
     compiled_model = run.compile(model)
 
