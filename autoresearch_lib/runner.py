@@ -17,6 +17,8 @@ decides — the clock, the data, val_bpb — is measured from outside it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -324,7 +326,7 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
     env = clean_env({"AUTORESEARCH_SETTINGS": f"{inside}/settings.json",
                      "AUTORESEARCH_T0": repr(t0), "AUTORESEARCH_RUNNER": "1"})
     argv = [sys.executable, "-m", "autoresearch_lib.launch", "train.py"]
-    caches = _compile_cache(env)
+    caches = _compile_cache(env, script_text, private)
     if use_sandbox:
         files = {f"{inside}/settings.json": private / "settings.json",
                  f"{inside}/data/manifest.json": private / "data" / "manifest.json",
@@ -389,19 +391,46 @@ def _wait(proc: subprocess.Popen, deadline: float, stop: threading.Event | None)
     return False
 
 
-def _compile_cache(env: dict) -> list[Path]:
-    """On a GPU machine: a compile cache shared by the runs (torch.compile is slow when cold)."""
+def _compile_cache(env: dict, script_text: str, private: Path) -> list[Path]:
+    """On a GPU machine: torch.compile's caches for this run (a cold compile costs ~45 s on an
+    H200, a warm one ~6 s).
+
+    A run can write anything into the cache it is given, and a later run *loads* what it finds
+    there: compiled code that could sabotage another script's run, or weights that a script's
+    next run picks up (more training than the budget). So only the kit's own code writes a cache
+    that outlives its run: runs of an unedited preset's train.py use <cache>/compile/trusted
+    ($AUTORESEARCH_COMPILE_CACHE instead of <cache>/compile, if set). Every other run gets a
+    copy of it in its private folder, thrown away with the run: an edit that leaves the model's
+    graph alone (a learning rate, say) still starts warm, any edit finds the kernels it shares
+    with the baseline, and nothing a run writes reaches another run.
+    """
     from .sandbox import gpu_devices
 
     if not gpu_devices():
         return []
     from .config import cache_dir
 
-    folder = cache_dir() / "compile"
-    folder.mkdir(parents=True, exist_ok=True)
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
-    env.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    trusted = Path(os.environ.get("AUTORESEARCH_COMPILE_CACHE") or cache_dir() / "compile") / "trusted"
+    if hashlib.sha256(script_text.encode()).hexdigest() in _baseline_digests():
+        folder = trusted
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = private / "compile"
+        if trusted.is_dir():
+            shutil.copytree(trusted, folder, symlinks=True)
+        folder.mkdir(exist_ok=True)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    env["TRITON_CACHE_DIR"] = str(folder / "triton")
     return [folder]
+
+
+@functools.cache
+def _baseline_digests() -> frozenset[str]:
+    """The scripts that write the trusted compile cache: the kit's train.py, as each preset writes it."""
+    from .baseline import render_train_py
+    from .config import PRESETS
+
+    return frozenset(hashlib.sha256(render_train_py(p).encode()).hexdigest() for p in PRESETS)
 
 
 def _fill(result: TrainResult, summary: dict) -> None:

@@ -31,12 +31,16 @@ from pathlib import Path
 RANDOM_VOCAB, SEQ_LEN = 8192, 2048
 
 
-def use_cache(directory):
-    """Point inductor's and Triton's on-disk caches at `directory` (inherited by the child)."""
+def use_cache(directory, which):
+    """Point torch.compile's on-disk caches at `directory` (inherited by the child): for ours, the
+    runner's root of per-script caches; for upstream, inductor's and Triton's folders."""
     if directory:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(directory) / "inductor")
-        os.environ["TRITON_CACHE_DIR"] = str(Path(directory) / "triton")
+        if which == "ours":
+            os.environ["AUTORESEARCH_COMPILE_CACHE"] = str(directory)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(directory) / "inductor")
+            os.environ["TRITON_CACHE_DIR"] = str(Path(directory) / "triton")
 
 
 def first_time(lines, pattern):
@@ -164,7 +168,7 @@ def main():
     p.add_argument("--label", default="")
     p.add_argument("--out")
     args = p.parse_args()
-    use_cache(args.cache)
+    use_cache(args.cache, args.which)
     import torch
 
     row = dict(label=args.label or args.which, which=args.which, preset=args.preset, budget=args.budget,

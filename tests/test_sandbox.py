@@ -228,3 +228,35 @@ def test_the_sandbox_dies_with_the_process_that_started_it(tmp_path):
     finally:
         for pid in alive(marker):  # only if the test failed: the process it started
             os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------ the compile cache (runner.py)
+
+def test_only_the_kits_own_train_py_keeps_a_compile_cache_the_others_get_a_throwaway_copy(tmp_path, monkeypatch):
+    """A run loads compiled code from the cache it is given, so no cache a run writes may outlive
+    it, except the kit's: its unedited train.py writes the trusted cache, an edited one gets a
+    private copy of it (still warm if its graph is the baseline's), gone with the run."""
+    from autoresearch_lib import runner
+    from autoresearch_lib.baseline import render_train_py
+
+    monkeypatch.setattr(sandbox, "gpu_devices", lambda: ["/dev/null"])  # "a GPU machine"
+    monkeypatch.setenv("AUTORESEARCH_COMPILE_CACHE", str(tmp_path / "compile"))
+    baseline, env = render_train_py("h100"), {}
+    trusted, = runner._compile_cache(env, baseline, tmp_path / "run1")
+    assert trusted == tmp_path / "compile" / "trusted"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(trusted / "inductor")
+    (trusted / "inductor").mkdir()
+    (trusted / "inductor" / "kernel").write_text("the baseline's compiled kernel")
+
+    edited, env = baseline.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05"), {}
+    (tmp_path / "run2").mkdir()
+    own, = runner._compile_cache(env, edited, tmp_path / "run2")
+    assert own == tmp_path / "run2" / "compile" and env["TRITON_CACHE_DIR"] == str(own / "triton")
+    assert (own / "inductor" / "kernel").read_text() == "the baseline's compiled kernel"  # warm
+    (own / "inductor" / "planted").write_text("compiled code, or weights, for a later run")
+    assert not (trusted / "inductor" / "planted").exists()  # the trusted cache is untouched
+    (tmp_path / "run3").mkdir()
+    again, = runner._compile_cache({}, edited, tmp_path / "run3")  # the same script, run again
+    assert not (again / "inductor" / "planted").exists()
+    monkeypatch.setattr(sandbox, "gpu_devices", lambda: [])
+    assert runner._compile_cache({}, edited, tmp_path / "run4") == []  # no GPU: nothing compiled
