@@ -10,6 +10,7 @@ soft-capped logits. Optimizer: as karpathy/autoresearch — Muon (Polar Express,
 weight decay, momentum warm-up) for the matrices, AdamW for the rest, time-based schedules.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -101,9 +102,12 @@ def window_kernel(device):
     return "flex" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "mask"
 
 
-# FlexAttention is fast only compiled. This compiled version also serves the uncompiled model
-# (evaluation, sampling); inside the compiled training step it is simply inlined.
-flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention is fast only compiled. Inside the compiled training step it is traced with the
+    model; the uncompiled model (evaluation, sampling) calls this compiled copy. Made on first use:
+    importing torch.compile's machinery takes ~2 s, which a run on a CPU never needs."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def softcap(logits):
@@ -164,7 +168,8 @@ class CausalSelfAttention(nn.Module):
         elif isinstance(mask, torch.Tensor):  # sliding window as an explicit boolean mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:  # sliding window as a FlexAttention BlockMask: skips the masked-out blocks
-            y = flex_attention_compiled(q, k, v, block_mask=mask, enable_gqa=gqa)
+            flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+            y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
