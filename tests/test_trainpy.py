@@ -174,6 +174,21 @@ def test_the_compiled_model_is_one_graph_once_main_has_built_the_masks(tmp_path,
     assert "model.masks(run.seq_len, run.device)" in source.split("run.compile(model)")[0]
 
 
+def test_the_masks_main_builds_are_the_ones_the_compiled_forward_finds(tmp_path, monkeypatch):
+    """main() builds them for run.device ("cuda"); the forward asks for its input's device
+    ("cuda:0"). torch.device("cuda") != torch.device("cuda:0"): unless the two are one key, the
+    compiled forward would build them again inside the graph, and break it in two."""
+    train_py = load_train_py(tmp_path)
+    model = train_py.GPT(train_py.model_config(64, 256))
+    built = []
+    monkeypatch.setattr(model, "build_masks", lambda T, device: built.append(device) or [None])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    first = model.masks(64, torch.device("cuda"))  # as main() calls it
+    assert model.masks(64, torch.device("cuda", 0)) is first and built == [torch.device("cuda", 0)]
+    model.masks(64, "cpu")
+    assert built == [torch.device("cuda", 0), torch.device("cpu")]
+
+
 def ill_conditioned(shape, seed=0):
     """A stack of matrices with singular values from 1 down to 1e-3, like real gradients."""
     torch.manual_seed(seed)

@@ -251,7 +251,10 @@ class GPT(nn.Module):
         takes it: a FlexAttention BlockMask for "flex", a boolean matrix for "mask" (SDPA). Built
         once per length and device; main() builds them before compiling, so the compiled graph
         only looks them up (building them inside would break the graph in two)."""
-        key = (T, torch.device(device))
+        device = torch.device(device)
+        if device.index is None and device.type in ("cuda", "mps"):  # "cuda" is the card "cuda:0"
+            device = torch.device(device.type, torch.cuda.current_device() if device.type == "cuda" else 0)
+        key = (T, device)
         if key not in self.mask_cache:
             self.mask_cache[key] = self.build_masks(T, key[1])
         return self.mask_cache[key]
