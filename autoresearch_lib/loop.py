@@ -639,7 +639,6 @@ class _Loop:
                 trials.append(t)
                 break
             else:  # only repeats: a failed proposal, so a stuck agent backs off as in the serial loop
-                t.index = ws.next_index()
                 done.append(self.no_proposal(t, f"the agent proposed only experiments already "
                                                 f"tried ({'; '.join(repeated)[:150]}), {REPEAT_TRIES} "
                                                 "times: a wave runs distinct, new candidates"))

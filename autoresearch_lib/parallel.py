@@ -242,7 +242,9 @@ class Engine:
         fixed = None
         if isinstance(first, Task):  # read once per task, not once per experiment
             key = (str(first.folder), first.digest)
-            fixed = self._shipped.get(key) or self._shipped.setdefault(key, _fixed_files(first))
+            if key not in self._shipped:
+                self._shipped[key] = _fixed_files(first)
+            fixed = self._shipped[key]
         env = {k: v for k, v in os.environ.items()
                if k.startswith("AUTORESEARCH_") and not is_secret_name(k)}
         tag = next(self.tags)

@@ -18,7 +18,6 @@ decides — the clock, the data, val_bpb — is measured from outside it.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import data, sandbox, scoring
-from .config import MODEL_FILE, Settings
+from .baseline import render_train_py
+from .config import MODEL_FILE, PRESETS, Settings, cache_dir
 from .output import OutputCapture
 from .records import write_atomic
 
@@ -404,33 +404,22 @@ def _compile_cache(env: dict, script_text: str, private: Path) -> list[Path]:
     graph alone (a learning rate, say) still starts warm, any edit finds the kernels it shares
     with the baseline, and nothing a run writes reaches another run.
     """
-    from .sandbox import gpu_devices
-
-    if not gpu_devices():
+    if not sandbox.gpu_devices():
         return []
-    from .config import cache_dir
-
     trusted = Path(os.environ.get("AUTORESEARCH_COMPILE_CACHE") or cache_dir() / "compile") / "trusted"
-    if hashlib.sha256(script_text.encode()).hexdigest() in _baseline_digests():
-        folder = trusted
-        folder.mkdir(parents=True, exist_ok=True)
-    else:
-        folder = private / "compile"
-        if trusted.is_dir():
-            shutil.copytree(trusted, folder, symlinks=True)
-        folder.mkdir(exist_ok=True)
+    folder = trusted if script_text in _baseline_scripts() else private / "compile"
+    if folder != trusted and trusted.is_dir():
+        shutil.copytree(trusted, folder, symlinks=True)
+    folder.mkdir(parents=True, exist_ok=True)
     env["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     env["TRITON_CACHE_DIR"] = str(folder / "triton")
     return [folder]
 
 
 @functools.cache
-def _baseline_digests() -> frozenset[str]:
+def _baseline_scripts() -> frozenset[str]:
     """The scripts that write the trusted compile cache: the kit's train.py, as each preset writes it."""
-    from .baseline import render_train_py
-    from .config import PRESETS
-
-    return frozenset(hashlib.sha256(render_train_py(p).encode()).hexdigest() for p in PRESETS)
+    return frozenset(render_train_py(p) for p in PRESETS)
 
 
 def _fill(result: TrainResult, summary: dict) -> None:

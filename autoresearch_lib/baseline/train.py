@@ -261,11 +261,11 @@ class GPT(nn.Module):
 
     @torch.compiler.disable
     def build_masks(self, T, device):
-        built = {}
+        built, kernel = {}, window_kernel(device)
         for w in set(self.windows):
             if w < T:
                 window = sliding_window(w)
-                if window_kernel(device) == "flex":
+                if kernel == "flex":
                     built[w] = create_block_mask(window, None, None, T, T, device=device)
                 else:
                     i = torch.arange(T, device=device)
