@@ -392,8 +392,8 @@ def _wait(proc: subprocess.Popen, deadline: float, stop: threading.Event | None)
 
 
 def _compile_cache(env: dict, script_text: str, private: Path) -> list[Path]:
-    """On a GPU machine: torch.compile's caches for this run (a cold compile costs ~45 s on an
-    H200, a warm one ~6 s).
+    """On a GPU machine: torch.compile's caches for this run, and FlashAttention 4's if train.py
+    uses it (a cold compile costs ~45 s on an H200, a warm one ~6 s).
 
     A run can write anything into the cache it is given, and a later run *loads* what it finds
     there: compiled code that could sabotage another script's run, or weights that a script's
@@ -413,6 +413,8 @@ def _compile_cache(env: dict, script_text: str, private: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     env["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     env["TRITON_CACHE_DIR"] = str(folder / "triton")
+    env["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"  # train.py's "fa4" kernels (flash-attn-4)
+    env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = str(folder / "flash_attn")
     return [folder]
 
 

@@ -11,7 +11,8 @@ loss read back after every step): median, mean and slowest step, and the optimiz
 
 The second form times attention alone (forward + backward, batch 128 x 4 heads x 2048 x 128):
 SDPA's full causal kernels against FlexAttention's half-length sliding window, with the
-FlexAttention kernel options worth trying.
+FlexAttention kernel options worth trying, and FlashAttention 4 (train.py's "fa4" kernel) if
+flash-attn-4 is installed, checked against a dense mask.
 """
 
 import argparse
@@ -77,7 +78,8 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, r
     width = m.DEPTH * m.ASPECT_RATIO
     cfg = m.GPTConfig(sequence_len=T, vocab_size=V, n_layer=m.DEPTH, n_head=width // m.HEAD_DIM,
                       n_embd=width, window_pattern=pattern)
-    model = m.GPT(cfg).cuda()
+    with torch.device("cuda"):  # as train.py's main(): built on the card (FLOAT8_MLP checks it)
+        model = m.GPT(cfg)
     model.init_weights()
     opts = m.make_optimizers(model, fused=True)
     if plain_loss:  # F.cross_entropy on the soft-capped logits, instead of the model's own loss
@@ -113,13 +115,14 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, r
     for _ in range(2):
         float(step())
     t3 = time.time()
-    print(f"windows {pattern} ({m.WINDOW_KERNEL}){' (F.cross_entropy)' if plain_loss else ''}"
+    print(f"windows {pattern} ({m.ATTENTION_KERNEL}{', float8 MLP' if m.FLOAT8_MLP else ''})"
+          f"{' (F.cross_entropy)' if plain_loss else ''}"
           f"{' regional' if regional else ''}: model and loader {t_built - t_build:.1f} s, step 1 "
           f"(compilation) {t1 - t0:.1f} s, steps 2-3 {t3 - t1:.1f} s", flush=True)
     names, seconds = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)  # by phase
     phases = {n: round(float(t), 2) for n, t in zip(names, seconds)}
     print("  compile phases (s):", phases, flush=True)
-    result = dict(windows=pattern, kernel=m.WINDOW_KERNEL, mode=mode, plain_loss=plain_loss,
+    result = dict(windows=pattern, kernel=m.ATTENTION_KERNEL, float8_mlp=m.FLOAT8_MLP, mode=mode, plain_loss=plain_loss,
                   regional=regional, compile_phases=phases, build_s=t_built - t_build, step1_s=t1 - t0, warmup_s=t3 - t1,
                   steps=describe("steps", step_times(step, steps)))
     # the optimizer alone, after one more backward
@@ -227,9 +230,9 @@ def bench_attention(autotune=False, sweep=False):
             window_size_left=window - 1, window_size_right=0)[0]
         return out.transpose(1, 2)
 
+    i = torch.arange(T, device="cuda")
+    dense = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)
     try:
-        i = torch.arange(T, device="cuda")
-        dense = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)
         few = [t[:2].detach().requires_grad_() for t in (q, k, v)]
         want = F.scaled_dot_product_attention(*few, attn_mask=dense)
         want.backward(go[:2])
@@ -252,6 +255,34 @@ def bench_attention(autotune=False, sweep=False):
         report("flash window (aten) under torch.compile", time_fwd_bwd(compiled_flash, q, k, v, go), window_flops)
     except Exception as e:  # noqa: BLE001 - older torch: no window arguments
         print(f"  flash window: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+    # FlashAttention 4 (flash-attn-4, if installed) through train.py's custom op, (B, T, H, D) in
+    m = load_train_module()
+    if m.fa4_installed():
+        m.register_flash_attention_4()
+        fa4 = lambda q, k, v, window: torch.ops.autoresearch.fa4(q, k, v, window)[0]
+        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        got_t = go.transpose(1, 2).contiguous()
+        t0 = time.time()
+        time_fwd_bwd(lambda q, k, v: fa4(q, k, v, W), qt, kt, vt, got_t, n=1)
+        time_fwd_bwd(lambda q, k, v: fa4(q, k, v, T), qt, kt, vt, got_t, n=1)
+        rows["fa4 first calls (kernel compilation) s"] = time.time() - t0
+        print(f"  fa4: first calls (compiling its kernels) {time.time() - t0:.1f} s", flush=True)
+        few = [t[:2].detach().requires_grad_() for t in (qt, kt, vt)]
+        for window, allowed in [(W, dense), (T, i[None, :] <= i[:, None])]:
+            want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in few), attn_mask=allowed).transpose(1, 2)
+            want_grads = torch.autograd.grad(want, few, got_t[:2])
+            got = fa4(*few, window)
+            got_grads = torch.autograd.grad(got, few, got_t[:2])
+            gaps = [(got - want).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(got_grads, want_grads)]
+            print(f"  fa4 window {window} vs dense mask: largest gap output {gaps[0]:.3g}, grads {max(gaps[1:]):.3g}")
+            rows[f"fa4 window {window} gaps"] = gaps
+        report("fa4 window", time_fwd_bwd(lambda q, k, v: fa4(q, k, v, W), qt, kt, vt, got_t), window_flops)
+        report("fa4 causal", time_fwd_bwd(lambda q, k, v: fa4(q, k, v, T), qt, kt, vt, got_t), causal_flops)
+        compiled_fa4 = torch.compile(lambda q, k, v: fa4(q, k, v, W), dynamic=False)
+        report("fa4 window under torch.compile", time_fwd_bwd(compiled_fa4, qt, kt, vt, got_t), window_flops)
+    else:
+        print("  fa4: flash-attn-4 is not installed", flush=True)
 
     window = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < W), None, None, T, T, device="cuda")
     causal = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device="cuda")
@@ -280,7 +311,8 @@ if __name__ == "__main__":
     ap.add_argument("--flex-options", type=json.loads, default=None, help="FlexAttention kernel_options (JSON)")
     ap.add_argument("--plain-loss", action="store_true", help="also time F.cross_entropy as the loss")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
-    ap.add_argument("--kernel", help="train.py's WINDOW_KERNEL for the window layers: flash, flex or mask")
+    ap.add_argument("--kernel", help="train.py's ATTENTION_KERNEL: fa4, flex or mask")
+    ap.add_argument("--float8", action="store_true", help="train.py's FLOAT8_MLP = True")
     ap.add_argument("--cache-custom-functions", action="store_true",
                     help="AOTAutograd's cache also for graphs with a custom autograd.Function (the loss)")
     ap.add_argument("--regional", action="store_true", help="compile each block and the head, not the model")
@@ -298,7 +330,8 @@ if __name__ == "__main__":
         if a.flex_options is not None:
             m.flex_attention = functools.partial(flex_attention, kernel_options=a.flex_options)
         if a.kernel:
-            m.WINDOW_KERNEL = a.kernel
+            m.ATTENTION_KERNEL = a.kernel
+        m.FLOAT8_MLP = a.float8
         if a.cache_custom_functions:  # let AOTAutograd cache graphs holding an autograd.Function
             torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
         results = [bench_steps(m, w, a.steps, a.profile, a.mode, regional=a.regional) for w in a.windows]

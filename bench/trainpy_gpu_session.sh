@@ -9,7 +9,7 @@
 # loss A/B, and the small-data preset alone on the card. `levers`: attention kernels alone, then
 # whole steps in-process (bench/profile_gpu.py) with each window kernel, AOTAutograd's cache for
 # the custom loss, and regional compilation, each cold then warm. `table`: the side-by-side table
-# of docs/benchmarks.md in one call (start-up cold and twice warm, 60 s runs) and the T4 path.
+# of docs/benchmarks.md in one call (start-up cold and three times warm, 60 s runs) and the T4 path.
 # Needs the prepared Shakespeare caches in $AUTORESEARCH_CACHE (vocab 2048 and 8192, made with
 # autoresearch_lib.prepare on any machine) and upstream's train.py at bench/.upstream/train.py
 # (`git show HEAD:train.py` of karpathy/autoresearch; not part of this repository).
@@ -45,15 +45,16 @@ table)
   $B upstream bench/.upstream/train.py --budget 60 --cache /tmp/cc-up --label upstream-warm --out "$ROWS"
   $B ours --budget 5 --cache /tmp/cc-ours --label h100-cold --out "$ROWS"
   $B ours --budget 5 --cache /tmp/cc-ours --label h100-warm-5s --out "$ROWS"
+  $B ours --budget 5 --cache /tmp/cc-ours --label h100-warm-5s-again --out "$ROWS"
   $B ours --budget 60 --cache /tmp/cc-ours --label h100-warm --out "$ROWS"
   $B ours --preset small-gpu --dtype fp16 --budget 10 --set "WINDOW_PATTERN='SSSL'" \
-     --set "WINDOW_KERNEL='mask'" --label t4-path-fp16-SSSL-mask --out "$ROWS"
+     --set "ATTENTION_KERNEL='mask'" --label t4-path-fp16-SSSL-mask --out "$ROWS"
   ;;
 first)
   $B upstream bench/.upstream/train.py --budget 10 --cache /tmp/cc-up --label upstream-cold --out "$ROWS"
   $B ours --budget 10 --cache /tmp/cc-ours --label h100-cold --out "$ROWS"
   $B ours --preset small-gpu --dtype fp16 --budget 20 --set "WINDOW_PATTERN='SSSL'" \
-     --set "WINDOW_KERNEL='mask'" --label t4-path-fp16-SSSL-mask --out "$ROWS"
+     --set "ATTENTION_KERNEL='mask'" --label t4-path-fp16-SSSL-mask --out "$ROWS"
   sweep 10
   sweep 30
   ;;

@@ -3,6 +3,7 @@
 # torch is chosen with care: an existing torch is kept (Colab's, yours); with an NVIDIA GPU the
 # default (CUDA) build is installed; on a CPU-only machine the CPU build is used, never the
 # multi-GB CUDA one: a local CPU wheel if pip can find one offline, else PyTorch's CPU index.
+# On a Hopper or Blackwell card it adds FlashAttention 4 (the `hopper` extra).
 set -euo pipefail
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
@@ -28,4 +29,9 @@ else
   fi
 fi
 pip_install -e ".[test]"
+# Hopper or datacenter Blackwell (sm90, sm100): FlashAttention 4, optional (train.py falls back to FlexAttention)
+if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10))' 2>/dev/null; then
+  echo "setup: Hopper/Blackwell GPU found, installing FlashAttention 4 (flash-attn-4)"
+  pip_install -e ".[hopper]" || echo "setup: flash-attn-4 did not install; train.py uses FlexAttention instead"
+fi
 echo "setup: ready ($("$PY" -c 'import torch, autoresearch_lib; print("torch", torch.__version__)'))"

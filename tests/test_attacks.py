@@ -725,7 +725,8 @@ def test_on_a_gpu_machine_the_next_run_sees_nothing_an_earlier_run_wrote(ws, tmp
     write = at_top(f"""
         import os
         print("CACHE", os.environ.get("TORCHINDUCTOR_CACHE_DIR"), flush=True)
-        for folder in [os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR"), "/tmp", "."]:
+        for folder in [os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR"),
+                       os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"), "/tmp", "."]:
             if folder:
                 try:
                     os.makedirs(folder, exist_ok=True)
@@ -736,7 +737,8 @@ def test_on_a_gpu_machine_the_next_run_sees_nothing_an_earlier_run_wrote(ws, tmp
     look = at_top(f"""
         import os
         seen = []
-        for folder in [os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR"), "/tmp", "."]:
+        for folder in [os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR"),
+                       os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"), "/tmp", "."]:
             if folder and os.path.exists(os.path.join(folder, {marker!r})):
                 seen.append(folder)
         print("SEEN", seen, flush=True)

@@ -252,6 +252,7 @@ def test_only_the_kits_own_train_py_keeps_a_compile_cache_the_others_get_a_throw
     (tmp_path / "run2").mkdir()
     own, = runner._compile_cache(env, edited, tmp_path / "run2")
     assert own == tmp_path / "run2" / "compile" and env["TRITON_CACHE_DIR"] == str(own / "triton")
+    assert env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(own / "flash_attn")  # train.py's "fa4" kernels
     assert (own / "inductor" / "kernel").read_text() == "the baseline's compiled kernel"  # warm
     (own / "inductor" / "planted").write_text("compiled code, or weights, for a later run")
     assert not (trusted / "inductor" / "planted").exists()  # the trusted cache is untouched

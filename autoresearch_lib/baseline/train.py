@@ -29,7 +29,8 @@ HEAD_DIM = 128  # width of one attention head
 QUERIES_PER_KV_HEAD = 1  # grouped-query attention: query heads sharing one key/value head (1: none)
 VE_GATE_CHANNELS = 32  # how many input channels drive each value-embedding gate
 WINDOW_PATTERN = "SSSL"  # per layer: L = full causal attention, S = half-length sliding window
-WINDOW_KERNEL = "auto"  # S layers via "flex" (FlexAttention) or "mask" (SDPA, any card); auto: flex on sm80+
+ATTENTION_KERNEL = "auto"  # "fa4", "flex" or "mask" (see attention_kernel()); auto: the fastest this card has
+FLOAT8_MLP = False  # the MLP's matmuls in float8 (CUDA sm89+); slower at the h100 size, may pay wider
 LOGIT_SOFTCAP = 15.0  # logits are squashed into (-LOGIT_SOFTCAP, LOGIT_SOFTCAP)
 # optimization
 TOTAL_BATCH_SIZE = 524288  # tokens per optimizer step (gradient accumulation fills it)
@@ -93,13 +94,17 @@ def sliding_window(w):
     return mask
 
 
-def window_kernel(device):
-    """How the sliding-window layers run: "flex" (FlexAttention: skips the blocks outside the
-    window) needs CUDA on Ampere or newer in practice (a T4's Triton kernels run out of shared
-    memory); "mask" (SDPA with an explicit boolean mask) runs anywhere, e.g. on a T4 or a CPU."""
-    if WINDOW_KERNEL != "auto":
-        return WINDOW_KERNEL
-    return "flex" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "mask"
+def attention_kernel(device):
+    """How attention runs. "fa4": every layer through FlashAttention 4 (the optional flash-attn-4
+    package; Hopper and Blackwell cards), windows included. Otherwise full layers use PyTorch's
+    SDPA and the sliding windows either "flex" (FlexAttention: skips the blocks outside the
+    window; CUDA on Ampere or newer in practice, a T4's Triton kernels run out of shared memory)
+    or "mask" (SDPA with an explicit boolean mask: any card, e.g. a T4 or a CPU)."""
+    if ATTENTION_KERNEL != "auto":
+        return ATTENTION_KERNEL
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return "mask"
+    return "fa4" if torch.cuda.get_device_capability(device)[0] in (9, 10) and fa4_installed() else "flex"
 
 
 @functools.cache
@@ -108,6 +113,59 @@ def compiled_flex_attention():
     model; the uncompiled model (evaluation, sampling) calls this compiled copy. Made on first use:
     importing torch.compile's machinery takes ~2 s, which a run on a CPU never needs."""
     return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def fa4_installed():
+    """Is flash-attn-4 (pip install flash-attn-4) here, with the two functions this file calls?"""
+    try:
+        from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@functools.cache
+def register_flash_attention_4():
+    """FlashAttention 4 as a PyTorch custom op, torch.ops.autoresearch.fa4: (q, k, v) in (B, T,
+    heads, head_dim), a causal window of `window` tokens (T or more: plain causal) -> (the output,
+    same layout; the log-sum-exp per row). torch.compile keeps a custom op in its graph as one
+    call (the package's own autograd.Function would break the graph), and the op's backward runs
+    the package's backward kernel. It compiles its kernels on first use (seconds) and caches them
+    on disk when the runner says where. Registered by build_masks(), outside the compiled graph."""
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    def left(window, T):
+        return window - 1 if window < T else None  # keys at most window - 1 tokens back
+
+    @torch.library.custom_op("autoresearch::fa4", mutates_args=())
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse, *_ = _flash_attn_fwd(q, k, v, causal=True, window_size_left=left(window, q.size(1)), return_lse=True)
+        return out.contiguous(), lse.contiguous()  # as register_fake says (a no-op: it makes them so)
+
+    @attention.register_fake
+    def _(q, k, v, window):
+        B, T, H, _ = q.shape
+        return q.new_empty(B, T, H, v.size(-1)), q.new_empty(B, H, T, dtype=torch.float32)
+
+    @torch.library.custom_op("autoresearch::fa4_backward", mutates_args=())
+    def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grads = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, causal=True, window_size_left=left(window, q.size(1)))
+        return tuple(g.contiguous() for g in grads)
+
+    @backward.register_fake
+    def _(dout, q, k, v, out, lse, window):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, ctx.window = inputs
+        ctx.save_for_backward(q, k, v, *output)
+
+    def differentiate(ctx, dout, dlse):
+        return *backward(dout, *ctx.saved_tensors, ctx.window), None
+
+    attention.register_autograd(differentiate, setup_context=setup_context)
 
 
 def softcap(logits):
@@ -161,6 +219,10 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        if isinstance(mask, int):  # FlashAttention 4, a causal window of `mask` tokens
+            half = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # its only types
+            y = torch.ops.autoresearch.fa4(*(t.to(half) for t in (q, k, v)), mask)[0].to(v.dtype)
+            return self.c_proj(y.reshape(B, T, C))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         gqa = self.n_kv_head < self.n_head  # each key/value head serves several query heads
         if mask is None:  # full causal attention
@@ -173,13 +235,51 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
+def to_float8(t, dtype):
+    """t in float8 and the scale back (t ≈ t8 * scale): one scale for the whole tensor, chosen so
+    that its largest magnitude lands on float8's largest value."""
+    scale = t.detach().abs().amax().float().clamp_min(1e-30) / torch.finfo(dtype).max
+    return (t.float() / scale).to(dtype), scale
+
+
+class Float8Linear(torch.autograd.Function):
+    """x @ w.T with all three matmuls (forward, and the backward's two) on float8 tensor cores:
+    twice bf16's FLOP/s on a Hopper card. x and w go to e4m3 (more precision), the gradient to
+    e5m2 (more range). torch._scaled_mm takes its second operand column-major, hence the .t()s;
+    compiled, each cast and transpose fuses into one pass over the tensor."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        x8, sx = to_float8(x, torch.float8_e4m3fn)
+        w8, sw = to_float8(w, torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, sx, w8, sw)
+        return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, sx, w8, sw = ctx.saved_tensors
+        g8, sg = to_float8(grad, torch.float8_e5m2)
+        dx = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=sg, scale_b=sw, out_dtype=grad.dtype)
+        dw = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=sg, scale_b=sx,
+                              out_dtype=torch.float32)
+        return dx, dw
+
+
+def float8_supported(device):
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.float8 = FLOAT8_MLP and float8_supported(self.c_fc.weight.device)  # built on its device
 
     def forward(self, x):
+        if self.float8:
+            h = F.relu(Float8Linear.apply(x.flatten(0, -2), self.c_fc.weight)).square()  # ReLU²
+            return Float8Linear.apply(h, self.c_proj.weight).view_as(x)
         return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU²
 
 
@@ -247,10 +347,11 @@ class GPT(nn.Module):
         return 6 * n_matrix + attn
 
     def masks(self, T, device):
-        """Per layer: None (plain causal) for a full window, else the sliding window as its kernel
-        takes it: a FlexAttention BlockMask for "flex", a boolean matrix for "mask" (SDPA). Built
-        once per length and device; main() builds them before compiling, so the compiled graph
-        only looks them up (building them inside would break the graph in two)."""
+        """Per layer, the window as its kernel takes it: for "fa4", its size (an int); else None
+        (plain causal) for a full window, a FlexAttention BlockMask for "flex", a boolean matrix
+        for "mask" (SDPA). Built once per length and device; main() builds them before
+        compiling, so the compiled graph only looks them up (building them inside would break
+        the graph in two)."""
         device = torch.device(device)
         if device.index is None and device.type in ("cuda", "mps"):  # "cuda" is the card "cuda:0"
             device = torch.device(device.type, torch.cuda.current_device() if device.type == "cuda" else 0)
@@ -261,7 +362,10 @@ class GPT(nn.Module):
 
     @torch.compiler.disable
     def build_masks(self, T, device):
-        built, kernel = {}, window_kernel(device)
+        built, kernel = {}, attention_kernel(device)
+        if kernel == "fa4":
+            register_flash_attention_4()
+            return [min(w, T) for w in self.windows]
         for w in set(self.windows):
             if w < T:
                 window = sliding_window(w)
