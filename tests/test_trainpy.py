@@ -165,6 +165,9 @@ def test_auto_picks_flash_attention_4_where_it_is_installed_and_runs(tmp_path, m
     monkeypatch.setattr(train_py, "fa4_installed", lambda: installed)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert train_py.attention_kernel(torch.device("cuda")) == chosen
+    if chosen == "fa4":  # heads FlashAttention 4 has no kernel for: FlexAttention
+        assert [train_py.attention_kernel(torch.device("cuda"), d) for d in (64, 100, 256, 512)] == [
+            "fa4", "flex", "fa4", "flex"]
 
 
 def fake_flash_attn_4(monkeypatch):

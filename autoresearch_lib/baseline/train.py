@@ -94,9 +94,10 @@ def sliding_window(w):
     return mask
 
 
-def attention_kernel(device):
+def attention_kernel(device, head_dim=HEAD_DIM):
     """How attention runs. "fa4": every layer through FlashAttention 4 (the optional flash-attn-4
-    package; Hopper and Blackwell cards), windows included. Otherwise full layers use PyTorch's
+    package; Hopper and Blackwell cards; heads of 8-256 channels, a multiple of 8), windows
+    included. Otherwise full layers use PyTorch's
     SDPA and the sliding windows either "flex" (FlexAttention: skips the blocks outside the
     window; CUDA on Ampere or newer in practice, a T4's Triton kernels run out of shared memory)
     or "mask" (SDPA with an explicit boolean mask: any card, e.g. a T4 or a CPU)."""
@@ -104,7 +105,8 @@ def attention_kernel(device):
         return ATTENTION_KERNEL
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return "mask"
-    return "fa4" if torch.cuda.get_device_capability(device)[0] in (9, 10) and fa4_installed() else "flex"
+    fa4_fits = torch.cuda.get_device_capability(device)[0] in (9, 10) and head_dim % 8 == 0 and 8 <= head_dim <= 256
+    return "fa4" if fa4_fits and fa4_installed() else "flex"
 
 
 @functools.cache
@@ -362,7 +364,7 @@ class GPT(nn.Module):
 
     @torch.compiler.disable
     def build_masks(self, T, device):
-        built, kernel = {}, attention_kernel(device)
+        built, kernel = {}, attention_kernel(device, self.config.n_embd // self.config.n_head)
         if kernel == "fa4":
             register_flash_attention_4()
             return [min(w, T) for w in self.windows]
