@@ -78,7 +78,7 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, r
     width = m.DEPTH * m.ASPECT_RATIO
     cfg = m.GPTConfig(sequence_len=T, vocab_size=V, n_layer=m.DEPTH, n_head=width // m.HEAD_DIM,
                       n_embd=width, window_pattern=pattern)
-    with torch.device("cuda"):  # as train.py's main(): built on the card (FLOAT8_MLP checks it)
+    with torch.device("cuda"):  # as train.py's main(): built on the card
         model = m.GPT(cfg)
     model.init_weights()
     opts = m.make_optimizers(model, fused=True)
@@ -115,14 +115,15 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, r
     for _ in range(2):
         float(step())
     t3 = time.time()
-    print(f"windows {pattern} ({m.ATTENTION_KERNEL}{', float8 MLP' if m.FLOAT8_MLP else ''})"
+    float8 = getattr(m, "float8_mlp", False)  # set by --float8
+    print(f"windows {pattern} ({m.ATTENTION_KERNEL}{', float8 MLP' if float8 else ''})"
           f"{' (F.cross_entropy)' if plain_loss else ''}"
           f"{' regional' if regional else ''}: model and loader {t_built - t_build:.1f} s, step 1 "
           f"(compilation) {t1 - t0:.1f} s, steps 2-3 {t3 - t1:.1f} s", flush=True)
     names, seconds = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)  # by phase
     phases = {n: round(float(t), 2) for n, t in zip(names, seconds)}
     print("  compile phases (s):", phases, flush=True)
-    result = dict(windows=pattern, kernel=m.ATTENTION_KERNEL, float8_mlp=m.FLOAT8_MLP, mode=mode, plain_loss=plain_loss,
+    result = dict(windows=pattern, kernel=m.ATTENTION_KERNEL, float8_mlp=float8, mode=mode, plain_loss=plain_loss,
                   regional=regional, compile_phases=phases, build_s=t_built - t_build, step1_s=t1 - t0, warmup_s=t3 - t1,
                   steps=describe("steps", step_times(step, steps)))
     # the optimizer alone, after one more backward
@@ -312,7 +313,7 @@ if __name__ == "__main__":
     ap.add_argument("--plain-loss", action="store_true", help="also time F.cross_entropy as the loss")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--kernel", help="train.py's ATTENTION_KERNEL: fa4, flex or mask")
-    ap.add_argument("--float8", action="store_true", help="train.py's FLOAT8_MLP = True")
+    ap.add_argument("--float8", action="store_true", help="the MLP's matmuls in float8 (bench/float8_mlp.py)")
     ap.add_argument("--cache-custom-functions", action="store_true",
                     help="AOTAutograd's cache also for graphs with a custom autograd.Function (the loss)")
     ap.add_argument("--regional", action="store_true", help="compile each block and the head, not the model")
@@ -331,7 +332,11 @@ if __name__ == "__main__":
             m.flex_attention = functools.partial(flex_attention, kernel_options=a.flex_options)
         if a.kernel:
             m.ATTENTION_KERNEL = a.kernel
-        m.FLOAT8_MLP = a.float8
+        if a.float8:
+            from float8_mlp import use_float8_mlp  # bench/ is on the path: this script's folder
+
+            use_float8_mlp(m)
+            m.float8_mlp = True
         if a.cache_custom_functions:  # let AOTAutograd cache graphs holding an autograd.Function
             torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
         results = [bench_steps(m, w, a.steps, a.profile, a.mode, regional=a.regional) for w in a.windows]

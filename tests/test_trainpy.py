@@ -240,27 +240,6 @@ def test_the_fa4_kernel_trains_the_same_model_as_the_mask_kernel_compiled_as_one
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
-def test_float8_mlp_trains_like_the_bf16_one_and_stays_one_graph(tmp_path, monkeypatch):
-    """FLOAT8_MLP = True runs the MLP's forward and backward matmuls in float8 (a Hopper card's
-    fastest tensor cores; PyTorch runs the same float8 matmuls on a CPU). Its loss and gradients
-    stay within float8's rounding of the exact ones, and it is used only where the card has it."""
-    train_py = load_train_py(tmp_path, set_constant(render_train_py("quick"), "FLOAT8_MLP", True), "train_fp8")
-    assert not tiny_gpt(train_py).blocks[0].mlp.float8  # a CPU: no float8 tensor cores, plain matmuls
-    monkeypatch.setattr(train_py, "float8_supported", lambda device: True)
-    fp8_model = tiny_gpt(train_py)
-    assert all(block.mlp.float8 for block in fp8_model.blocks)
-    exact = tiny_gpt(load_train_py(tmp_path, name="train_exact"))
-    x, y = torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32))
-    (want_loss, want), (got_loss, got) = gradients(exact, x, y), gradients(fp8_model, x, y)
-    assert got_loss.item() == pytest.approx(want_loss.item(), rel=2e-3)
-    names = [n for n, _ in exact.named_parameters()]
-    for name, w, g in zip(names, want, got):  # e5m2 gradients carry 2 bits: ~10 % off, same direction
-        assert F.cosine_similarity(w.flatten(), g.flatten(), dim=0) > 0.99, name
-        assert ((w - g).norm() / w.norm()).item() < 0.15, name
-    explained = torch._dynamo.explain(fp8_model)(x, y)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
-
-
 @pytest.mark.parametrize("kernel", ["flex", "mask"])
 def test_the_compiled_model_is_one_graph_once_main_has_built_the_masks(tmp_path, kernel):
     """A graph break costs a second trace at every start-up (~1 s warm, ~3 s cold on an H200):

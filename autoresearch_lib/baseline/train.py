@@ -30,7 +30,6 @@ QUERIES_PER_KV_HEAD = 1  # grouped-query attention: query heads sharing one key/
 VE_GATE_CHANNELS = 32  # how many input channels drive each value-embedding gate
 WINDOW_PATTERN = "SSSL"  # per layer: L = full causal attention, S = half-length sliding window
 ATTENTION_KERNEL = "auto"  # "fa4", "flex" or "mask" (see attention_kernel()); auto: the fastest this card has
-FLOAT8_MLP = False  # the MLP's matmuls in float8 (CUDA sm89+); slower at the h100 size, may pay wider
 LOGIT_SOFTCAP = 15.0  # logits are squashed into (-LOGIT_SOFTCAP, LOGIT_SOFTCAP)
 # optimization
 TOTAL_BATCH_SIZE = 524288  # tokens per optimizer step (gradient accumulation fills it)
@@ -237,51 +236,13 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
-def to_float8(t, dtype):
-    """t in float8 and the scale back (t ≈ t8 * scale): one scale for the whole tensor, chosen so
-    that its largest magnitude lands on float8's largest value."""
-    scale = t.detach().abs().amax().float().clamp_min(1e-30) / torch.finfo(dtype).max
-    return (t.float() / scale).to(dtype), scale
-
-
-class Float8Linear(torch.autograd.Function):
-    """x @ w.T with all three matmuls (forward, and the backward's two) on float8 tensor cores:
-    twice bf16's FLOP/s on a Hopper card. x and w go to e4m3 (more precision), the gradient to
-    e5m2 (more range). torch._scaled_mm takes its second operand column-major, hence the .t()s;
-    compiled, each cast and transpose fuses into one pass over the tensor."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        x8, sx = to_float8(x, torch.float8_e4m3fn)
-        w8, sw = to_float8(w, torch.float8_e4m3fn)
-        ctx.save_for_backward(x8, sx, w8, sw)
-        return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x8, sx, w8, sw = ctx.saved_tensors
-        g8, sg = to_float8(grad, torch.float8_e5m2)
-        dx = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=sg, scale_b=sw, out_dtype=grad.dtype)
-        dw = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=sg, scale_b=sx,
-                              out_dtype=torch.float32)
-        return dx, dw
-
-
-def float8_supported(device):
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
-        self.float8 = FLOAT8_MLP and float8_supported(self.c_fc.weight.device)  # built on its device
 
     def forward(self, x):
-        if self.float8:
-            h = F.relu(Float8Linear.apply(x.flatten(0, -2), self.c_fc.weight)).square()  # ReLU²
-            return Float8Linear.apply(h, self.c_proj.weight).view_as(x)
         return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU²
 
 
