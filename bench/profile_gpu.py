@@ -72,7 +72,7 @@ def describe(label, times):
                 median_tok_s=2 * B * T / med, mean_tok_s=2 * B * T / mean)
 
 
-def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, regional=False):
+def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, regional=False, float8=False):
     torch.manual_seed(0)
     t_build = time.time()
     width = m.DEPTH * m.ASPECT_RATIO
@@ -115,7 +115,6 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, r
     for _ in range(2):
         float(step())
     t3 = time.time()
-    float8 = getattr(m, "float8_mlp", False)  # set by --float8
     print(f"windows {pattern} ({m.ATTENTION_KERNEL}{', float8 MLP' if float8 else ''})"
           f"{' (F.cross_entropy)' if plain_loss else ''}"
           f"{' regional' if regional else ''}: model and loader {t_built - t_build:.1f} s, step 1 "
@@ -224,64 +223,60 @@ def bench_attention(autotune=False, sweep=False):
         except Exception as e:  # noqa: BLE001 - a backend may be missing on this card
             print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}")
 
-    # PyTorch's FlashAttention kernels with a window: (B, T, H, D) layout, checked against a dense mask
-    def flash(q, k, v, window=W):
-        out = torch.ops.aten._flash_attention_forward(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, T, T, 0.0, True, False,
-            window_size_left=window - 1, window_size_right=0)[0]
-        return out.transpose(1, 2)
-
     i = torch.arange(T, device="cuda")
-    dense = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)
+    causal_mask = i[None, :] <= i[:, None]
+    window_mask = causal_mask & (i[:, None] - i[None, :] < W)
+    # the same inputs in (B, T, H, D), the layout FlashAttention takes
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    go_t = go.transpose(1, 2).contiguous()
+
+    def gaps(name, fn, allowed):
+        """Largest gaps of fn (B T H D in and out) from SDPA with the dense mask `allowed`: output, grads."""
+        few = [t[:2].detach().requires_grad_() for t in (qt, kt, vt)]
+        want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in few), attn_mask=allowed).transpose(1, 2)
+        got = fn(*few)
+        pairs = zip(torch.autograd.grad(got, few, go_t[:2]), torch.autograd.grad(want, few, go_t[:2]))
+        found = rows[f"{name} gaps"] = [(got - want).abs().max().item()] + [(a - b).abs().max().item() for a, b in pairs]
+        print(f"  {name} vs dense mask: largest gap output {found[0]:.3g}, grads {max(found[1:]):.3g}", flush=True)
+
+    # PyTorch's FlashAttention kernels with a window
+    def flash(q, k, v, window=W):  # (B, T, H, D)
+        return torch.ops.aten._flash_attention_forward(q, k, v, None, None, T, T, 0.0, True, False,
+                                                       window_size_left=window - 1, window_size_right=0)[0]
+
+    def flash_from_bhtd(q, k, v, window=W):  # as train.py's other kernels hold q, k, v: transposed views
+        return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window).transpose(1, 2)
+
     try:
-        few = [t[:2].detach().requires_grad_() for t in (q, k, v)]
-        want = F.scaled_dot_product_attention(*few, attn_mask=dense)
-        want.backward(go[:2])
-        want_grads = [t.grad for t in few]
-        for t in few:
-            t.grad = None
-        got = flash(*few)
-        got.backward(go[:2])
-        gaps = [(got - want).abs().max().item()] + [(t.grad - g).abs().max().item() for t, g in zip(few, want_grads)]
-        print(f"  flash window vs dense mask: largest gap output {gaps[0]:.3g}, grads {max(gaps[1:]):.3g}", flush=True)
-        rows["flash window gaps"] = gaps
-        report("flash window (aten, B T H D in)", time_fwd_bwd(flash, q, k, v, go), window_flops)
-        report("flash causal (aten)", time_fwd_bwd(lambda q, k, v: flash(q, k, v, T + 1), q, k, v, go), causal_flops)
-        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-        got = time_fwd_bwd(lambda q, k, v: torch.ops.aten._flash_attention_forward(
-            q, k, v, None, None, T, T, 0.0, True, False, window_size_left=W - 1, window_size_right=0)[0],
-            qt, kt, vt, go.transpose(1, 2).contiguous())
-        report("flash window (aten, contiguous B T H D)", got, window_flops)
-        compiled_flash = torch.compile(flash, dynamic=False)
-        report("flash window (aten) under torch.compile", time_fwd_bwd(compiled_flash, q, k, v, go), window_flops)
+        gaps("flash window", flash, window_mask)
+        report("flash window (aten, B T H D in)", time_fwd_bwd(flash_from_bhtd, q, k, v, go), window_flops)
+        report("flash causal (aten)", time_fwd_bwd(lambda q, k, v: flash_from_bhtd(q, k, v, T + 1), q, k, v, go),
+               causal_flops)
+        report("flash window (aten, contiguous B T H D)", time_fwd_bwd(flash, qt, kt, vt, go_t), window_flops)
+        report("flash window (aten) under torch.compile",
+               time_fwd_bwd(torch.compile(flash_from_bhtd, dynamic=False), q, k, v, go), window_flops)
     except Exception as e:  # noqa: BLE001 - older torch: no window arguments
         print(f"  flash window: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
-    # FlashAttention 4 (flash-attn-4, if installed) through train.py's custom op, (B, T, H, D) in
+    # FlashAttention 4 (flash-attn-4, if installed) through train.py's custom op
     m = load_train_module()
     if m.fa4_installed():
         m.register_flash_attention_4()
-        fa4 = lambda q, k, v, window: torch.ops.autoresearch.fa4(q, k, v, window)[0]
-        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-        got_t = go.transpose(1, 2).contiguous()
+
+        def fa4(window):
+            return lambda q, k, v: torch.ops.autoresearch.fa4(q, k, v, window)[0]
+
         t0 = time.time()
-        time_fwd_bwd(lambda q, k, v: fa4(q, k, v, W), qt, kt, vt, got_t, n=1)
-        time_fwd_bwd(lambda q, k, v: fa4(q, k, v, T), qt, kt, vt, got_t, n=1)
+        for window in (W, T):
+            time_fwd_bwd(fa4(window), qt, kt, vt, go_t, n=1)
         rows["fa4 first calls (kernel compilation) s"] = time.time() - t0
         print(f"  fa4: first calls (compiling its kernels) {time.time() - t0:.1f} s", flush=True)
-        few = [t[:2].detach().requires_grad_() for t in (qt, kt, vt)]
-        for window, allowed in [(W, dense), (T, i[None, :] <= i[:, None])]:
-            want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in few), attn_mask=allowed).transpose(1, 2)
-            want_grads = torch.autograd.grad(want, few, got_t[:2])
-            got = fa4(*few, window)
-            got_grads = torch.autograd.grad(got, few, got_t[:2])
-            gaps = [(got - want).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(got_grads, want_grads)]
-            print(f"  fa4 window {window} vs dense mask: largest gap output {gaps[0]:.3g}, grads {max(gaps[1:]):.3g}")
-            rows[f"fa4 window {window} gaps"] = gaps
-        report("fa4 window", time_fwd_bwd(lambda q, k, v: fa4(q, k, v, W), qt, kt, vt, got_t), window_flops)
-        report("fa4 causal", time_fwd_bwd(lambda q, k, v: fa4(q, k, v, T), qt, kt, vt, got_t), causal_flops)
-        compiled_fa4 = torch.compile(lambda q, k, v: fa4(q, k, v, W), dynamic=False)
-        report("fa4 window under torch.compile", time_fwd_bwd(compiled_fa4, qt, kt, vt, got_t), window_flops)
+        gaps(f"fa4 window {W}", fa4(W), window_mask)
+        gaps(f"fa4 window {T}", fa4(T), causal_mask)
+        report("fa4 window", time_fwd_bwd(fa4(W), qt, kt, vt, go_t), window_flops)
+        report("fa4 causal", time_fwd_bwd(fa4(T), qt, kt, vt, go_t), causal_flops)
+        report("fa4 window under torch.compile", time_fwd_bwd(torch.compile(fa4(W), dynamic=False), qt, kt, vt, go_t),
+               window_flops)
     else:
         print("  fa4: flash-attn-4 is not installed", flush=True)
 
@@ -336,10 +331,10 @@ if __name__ == "__main__":
             from float8_mlp import use_float8_mlp  # bench/ is on the path: this script's folder
 
             use_float8_mlp(m)
-            m.float8_mlp = True
         if a.cache_custom_functions:  # let AOTAutograd cache graphs holding an autograd.Function
             torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
-        results = [bench_steps(m, w, a.steps, a.profile, a.mode, regional=a.regional) for w in a.windows]
+        results = [bench_steps(m, w, a.steps, a.profile, a.mode, regional=a.regional, float8=a.float8)
+                   for w in a.windows]
         if a.plain_loss:
             results.append(bench_steps(m, a.windows[0], a.steps, a.profile, a.mode, plain_loss=True))
     if a.out:

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's train.py section, on one card.
 #
-#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first or second)
+#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, table)
 #
 # Each stage fits one 10-minute command. `first`: cold starts, the T4 path (fp16, windows through
 # the mask kernel) and a rough sweep of small-data candidates, several at once. `second`: upstream
 # and ours side by side (a short cold run fills each one's compile cache, then 60 s warm), the
 # loss A/B, and the small-data preset alone on the card. `levers`: attention kernels alone, then
 # whole steps in-process (bench/profile_gpu.py) with each window kernel, AOTAutograd's cache for
-# the custom loss, and regional compilation, each cold then warm. `table`: the side-by-side table
+# the custom loss, and regional compilation, each cold then warm. `fa4` (flash-attn-4 installed):
+# attention kernels alone, then whole steps with FlashAttention 4 and FlexAttention, cold and warm;
+# `fa4-levers`, after it: a profiled step, the float8 MLP, max-autotune. `table`: the side-by-side table
 # of docs/benchmarks.md in one call (start-up cold and three times warm, 60 s runs) and the T4 path.
 # Needs the prepared Shakespeare caches in $AUTORESEARCH_CACHE (vocab 2048 and 8192, made with
 # autoresearch_lib.prepare on any machine) and upstream's train.py at bench/.upstream/train.py
@@ -29,16 +31,41 @@ sweep() {  # several small-data candidates at once: a rough ranking (they share 
   wait
 }
 
+cached() {  # torch.compile's and FlashAttention 4's on-disk caches in $1 (for profile_gpu.py runs)
+  export TORCHINDUCTOR_CACHE_DIR=$1/inductor TRITON_CACHE_DIR=$1/triton \
+         FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=$1/flash_attn
+}
+
 case $1 in
 levers)
   P="python3 bench/profile_gpu.py --windows SSSL"
   $P --attention --out "$OUT/attention.json"
+  n=0
   for variant in "--kernel flex" "--kernel flex --cache-custom-functions" "--kernel flex --cache-custom-functions --regional"; do
-    export TORCHINDUCTOR_CACHE_DIR=/tmp/cc-levers-${#variant}/inductor TRITON_CACHE_DIR=/tmp/cc-levers-${#variant}/triton
+    n=$((n + 1))
+    cached /tmp/cc-levers-$n
     $P $variant --steps 20  # cold
     $P $variant --steps 10  # warm
   done
-  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+  ;;
+fa4)  # needs flash-attn-4 installed: FlashAttention 4 against FlexAttention, each cold then warm
+  P="python3 bench/profile_gpu.py --windows SSSL --cache-custom-functions"
+  cached /tmp/cc-attention
+  $P --attention --out "$OUT/attention.json"
+  for kernel in fa4 flex; do
+    cached /tmp/cc-$kernel
+    $P --kernel $kernel --steps 20 --out "$OUT/steps-$kernel-cold.json"
+    $P --kernel $kernel --steps 20 --out "$OUT/steps-$kernel-warm.json"
+  done
+  ;;
+fa4-levers)  # after `fa4` on the same machine: where a step goes, float8 MLP, max-autotune
+  P="python3 bench/profile_gpu.py --windows SSSL --cache-custom-functions --kernel fa4"
+  cached /tmp/cc-fa4
+  $P --steps 20 --profile --out "$OUT/fa4-bf16-warm.json"
+  $P --steps 20 --float8 --out "$OUT/fa4-fp8-cold.json"
+  $P --steps 20 --float8 --profile --out "$OUT/fa4-fp8-warm.json"
+  cached /tmp/cc-max-autotune
+  $P --steps 20 --mode max-autotune-no-cudagraphs --out "$OUT/fa4-maxautotune-cold.json"
   ;;
 table)
   $B upstream bench/.upstream/train.py --budget 5 --cache /tmp/cc-up --label upstream-cold --out "$ROWS"
@@ -73,6 +100,7 @@ second)
   ;;
 esac
 
+[ -f "$ROWS" ] || exit 0  # the stage ran no bench_trainpy_gpu.py: its results are in $OUT
 python3 - "$ROWS" <<'EOF'
 import json, sys
 keys = ["label", "status", "val_bpb", "tokens_per_second", "steady_tokens_per_second", "steady_step_ms",

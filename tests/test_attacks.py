@@ -714,6 +714,12 @@ def test_a_daemon_that_trains_on_after_the_run_is_killed_and_the_next_run_sees_n
     assert_nothing_lost(ws, [attack_exp, look_exp])
 
 
+# the folders a run may write to on a GPU machine: its compile caches (torch.compile's, Triton's,
+# FlashAttention 4's), its /tmp and its own folder (as Python source, for the scripts below)
+WRITABLE = ('[os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR"), '
+            'os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"), "/tmp", "."]')
+
+
 @sandboxed
 def test_on_a_gpu_machine_the_next_run_sees_nothing_an_earlier_run_wrote(ws, tmp_path, monkeypatch):
     """As the daemon test, on a (simulated) GPU machine, where the runner gives each run a compile
@@ -725,8 +731,7 @@ def test_on_a_gpu_machine_the_next_run_sees_nothing_an_earlier_run_wrote(ws, tmp
     write = at_top(f"""
         import os
         print("CACHE", os.environ.get("TORCHINDUCTOR_CACHE_DIR"), flush=True)
-        for folder in [os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR"),
-                       os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"), "/tmp", "."]:
+        for folder in {WRITABLE}:
             if folder:
                 try:
                     os.makedirs(folder, exist_ok=True)
@@ -737,8 +742,7 @@ def test_on_a_gpu_machine_the_next_run_sees_nothing_an_earlier_run_wrote(ws, tmp
     look = at_top(f"""
         import os
         seen = []
-        for folder in [os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR"),
-                       os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"), "/tmp", "."]:
+        for folder in {WRITABLE}:
             if folder and os.path.exists(os.path.join(folder, {marker!r})):
                 seen.append(folder)
         print("SEEN", seen, flush=True)

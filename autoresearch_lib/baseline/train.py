@@ -102,9 +102,10 @@ def attention_kernel(device, head_dim=HEAD_DIM):
     memory) or "mask" (SDPA with an explicit boolean mask: any card, e.g. a T4 or a CPU)."""
     if ATTENTION_KERNEL != "auto":
         return ATTENTION_KERNEL
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    if capability < (8, 0):
         return "mask"
-    fa4_fits = torch.cuda.get_device_capability(device)[0] in (9, 10) and head_dim % 8 == 0 and 8 <= head_dim <= 256
+    fa4_fits = capability[0] in (9, 10) and head_dim % 8 == 0 and 8 <= head_dim <= 256
     return "fa4" if fa4_fits and fa4_installed() else "flex"
 
 
