@@ -72,7 +72,7 @@ def describe(label, times):
                 median_tok_s=2 * B * T / med, mean_tok_s=2 * B * T / mean)
 
 
-def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, regional=False, float8=False):
+def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, regional=False, float8=False, levers=()):
     torch.manual_seed(0)
     t_build = time.time()
     width = m.DEPTH * m.ASPECT_RATIO
@@ -115,14 +115,14 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, r
     for _ in range(2):
         float(step())
     t3 = time.time()
-    print(f"windows {pattern} ({m.ATTENTION_KERNEL}{', float8 MLP' if float8 else ''})"
+    print(f"windows {pattern} ({m.ATTENTION_KERNEL}{', float8 MLP' if float8 else ''}{''.join(', ' + k for k in levers)})"
           f"{' (F.cross_entropy)' if plain_loss else ''}"
           f"{' regional' if regional else ''}: model and loader {t_built - t_build:.1f} s, step 1 "
           f"(compilation) {t1 - t0:.1f} s, steps 2-3 {t3 - t1:.1f} s", flush=True)
     names, seconds = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)  # by phase
     phases = {n: round(float(t), 2) for n, t in zip(names, seconds)}
     print("  compile phases (s):", phases, flush=True)
-    result = dict(windows=pattern, kernel=m.ATTENTION_KERNEL, float8_mlp=float8, mode=mode, plain_loss=plain_loss,
+    result = dict(windows=pattern, kernel=m.ATTENTION_KERNEL, float8_mlp=float8, levers=list(levers), mode=mode, plain_loss=plain_loss,
                   regional=regional, compile_phases=phases, build_s=t_built - t_build, step1_s=t1 - t0, warmup_s=t3 - t1,
                   steps=describe("steps", step_times(step, steps)))
     # the optimizer alone, after one more backward
@@ -309,6 +309,7 @@ if __name__ == "__main__":
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--kernel", help="train.py's ATTENTION_KERNEL: fa4, flex or mask")
     ap.add_argument("--float8", action="store_true", help="the MLP's matmuls in float8 (bench/float8_mlp.py)")
+    ap.add_argument("--lever", action="append", default=[], help="a lever of bench/step_levers.py (repeatable)")
     ap.add_argument("--cache-custom-functions", action="store_true",
                     help="AOTAutograd's cache also for graphs with a custom autograd.Function (the loss)")
     ap.add_argument("--regional", action="store_true", help="compile each block and the head, not the model")
@@ -331,9 +332,15 @@ if __name__ == "__main__":
             from float8_mlp import use_float8_mlp  # bench/ is on the path: this script's folder
 
             use_float8_mlp(m)
+        from step_levers import LEVERS, check_quack_mlp
+
+        if "quack-mlp" in a.lever:
+            check_quack_mlp(m)
+        for lever in a.lever:
+            LEVERS[lever](m)
         if a.cache_custom_functions:  # let AOTAutograd cache graphs holding an autograd.Function
             torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
-        results = [bench_steps(m, w, a.steps, a.profile, a.mode, regional=a.regional, float8=a.float8)
+        results = [bench_steps(m, w, a.steps, a.profile, a.mode, regional=a.regional, float8=a.float8, levers=a.lever)
                    for w in a.windows]
         if a.plain_loss:
             results.append(bench_steps(m, a.windows[0], a.steps, a.profile, a.mode, plain_loss=True))

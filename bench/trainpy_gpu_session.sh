@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's train.py section, on one card.
 #
-#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, table)
+#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, step-levers, table)
 #
 # Each stage fits one 10-minute command. `first`: cold starts, the T4 path (fp16, windows through
 # the mask kernel) and a rough sweep of small-data candidates, several at once. `second`: upstream
@@ -10,7 +10,8 @@
 # whole steps in-process (bench/profile_gpu.py) with each window kernel, AOTAutograd's cache for
 # the custom loss, and regional compilation, each cold then warm. `fa4` (flash-attn-4 installed):
 # attention kernels alone, then whole steps with FlashAttention 4 and FlexAttention, cold and warm;
-# `fa4-levers`, after it: a profiled step, the float8 MLP, max-autotune. `table`: the side-by-side table
+# `fa4-levers`, after it: a profiled step, the float8 MLP, max-autotune. `step-levers`, after `fa4`'s install: bench/step_levers.py's levers one by one, then all together.
+# `table`: the side-by-side table
 # of docs/benchmarks.md in one call (start-up cold and three times warm, 60 s runs) and the T4 path.
 # Needs the prepared Shakespeare caches in $AUTORESEARCH_CACHE (vocab 2048 and 8192, made with
 # autoresearch_lib.prepare on any machine) and upstream's train.py at bench/.upstream/train.py
@@ -66,6 +67,32 @@ fa4-levers)  # after `fa4` on the same machine: where a step goes, float8 MLP, m
   $P --steps 20 --float8 --profile --out "$OUT/fa4-fp8-warm.json"
   cached /tmp/cc-max-autotune
   $P --steps 20 --mode max-autotune-no-cudagraphs --out "$OUT/fa4-maxautotune-cold.json"
+  ;;
+step-levers)  # needs flash-attn-4 (and so quack): bench/step_levers.py's levers against the unedited step
+  P="python3 bench/profile_gpu.py --windows SSSL --cache-custom-functions --kernel fa4"
+  cached /tmp/cc-step-levers
+  $P --steps 20 --profile --out "$OUT/base-cold.json"
+  $P --steps 30 --out "$OUT/base-warm.json"
+  for lever in qkv muon quack-mlp; do
+    $P --steps 30 --lever $lever --out "$OUT/$lever.json"
+  done
+  $P --steps 30 --lever qkv --lever muon --lever quack-mlp --profile --out "$OUT/all.json"
+  $P --steps 30 --out "$OUT/base-warm-2.json"
+  ;;
+softcap)  # after `fa4`'s install: the soft-cap through sigmoid against tanh, warm, twice each;
+  # then Inductor's coordinate-descent tuning, with either
+  P="python3 bench/profile_gpu.py --windows SSSL --cache-custom-functions --kernel fa4"
+  cached /tmp/cc-softcap
+  $P --steps 10 --out "$OUT/base-cold.json"
+  $P --steps 10 --lever softcap-sigmoid --out "$OUT/sigmoid-cold.json"
+  for n in 1 2; do
+    $P --steps 30 --out "$OUT/base-$n.json"
+    $P --steps 30 --lever softcap-sigmoid --profile --out "$OUT/sigmoid-$n.json"
+  done
+  for n in cold warm; do
+    $P --steps 30 --lever tuning --out "$OUT/tuning-$n.json"
+    $P --steps 30 --lever tuning --lever softcap-sigmoid --out "$OUT/tuning-sigmoid-$n.json"
+  done
   ;;
 table)
   $B upstream bench/.upstream/train.py --budget 5 --cache /tmp/cc-up --label upstream-cold --out "$ROWS"
