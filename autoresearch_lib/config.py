@@ -177,3 +177,17 @@ def cache_dir(settings: Settings | None = None) -> Path:
         return Path(settings.cache_dir)
     env = os.environ.get("AUTORESEARCH_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "autoresearch"
+
+
+def trusted_compile_cache() -> Path:
+    """The compile caches only the kit's own runs write (runner._compile_cache says why):
+    $AUTORESEARCH_COMPILE_CACHE/trusted, else <cache_dir>/compile/trusted."""
+    return Path(os.environ.get("AUTORESEARCH_COMPILE_CACHE") or cache_dir() / "compile") / "trusted"
+
+
+def compile_cache_env(folder: Path) -> dict[str, str]:
+    """The variables that point torch.compile's caches (Inductor's, Triton's) and FlashAttention
+    4's compiled kernels (train.py's "fa4") at `folder`."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TRITON_CACHE_DIR": str(folder / "triton"),
+            "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1",
+            "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(folder / "flash_attn")}

@@ -34,7 +34,7 @@ from typing import Callable
 
 from . import data, sandbox, scoring
 from .baseline import render_train_py
-from .config import MODEL_FILE, PRESETS, Settings, cache_dir
+from .config import MODEL_FILE, PRESETS, Settings, compile_cache_env, trusted_compile_cache
 from .output import OutputCapture
 from .records import write_atomic
 
@@ -406,15 +406,12 @@ def _compile_cache(env: dict, script_text: str, private: Path) -> list[Path]:
     """
     if not sandbox.gpu_devices():
         return []
-    trusted = Path(os.environ.get("AUTORESEARCH_COMPILE_CACHE") or cache_dir() / "compile") / "trusted"
+    trusted = trusted_compile_cache()
     folder = trusted if script_text in _baseline_scripts() else private / "compile"
     if folder != trusted and trusted.is_dir():
         shutil.copytree(trusted, folder, symlinks=True)
     folder.mkdir(parents=True, exist_ok=True)
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
-    env["TRITON_CACHE_DIR"] = str(folder / "triton")
-    env["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"  # train.py's "fa4" kernels (flash-attn-4)
-    env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = str(folder / "flash_attn")
+    env.update(compile_cache_env(folder))
     return [folder]
 
 

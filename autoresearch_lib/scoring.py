@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data, sandbox
-from .config import Settings
+from .config import Settings, compile_cache_env, trusted_compile_cache
 from .output import OutputCapture
 
 EVAL_BATCH = 32  # rows per request
@@ -106,15 +106,23 @@ class ModelServer:
                  deadline: float, name: str):
         argv = [sys.executable, "-m", "autoresearch_lib.model_server", "train.py", "model.pt",
                 settings.device]
-        if use_sandbox:
-            argv = sandbox.command(argv, cwd=folder, readable=[folder])
         env = sandbox.environment({"PYTHONPATH": str(sandbox.package_dir().parent),
                                    "PYTHONUNBUFFERED": "1", "HOME": "/tmp",
                                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
+        self.cache = private_compile_cache()
+        if self.cache:
+            env.update(compile_cache_env(self.cache))
+        if use_sandbox:
+            argv = sandbox.command(argv, cwd=folder, readable=[folder], writable=[self.cache] if self.cache else [])
         self.deadline, self.name = deadline, name
-        self.proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         start_new_session=True)
+        except OSError:
+            if self.cache:
+                shutil.rmtree(self.cache, ignore_errors=True)
+            raise
         self.stderr = OutputCapture(os.dup(self.proc.stderr.fileno()), head=1 << 16, tail=1 << 16,
                                     on_line=lambda line: log_lines.append(f"[{name}] {line}"))
         self.proc.stderr.close()
@@ -194,6 +202,22 @@ class ModelServer:
             pass
         self.proc.wait()
         self.stderr.stop()
+        if self.cache:
+            shutil.rmtree(self.cache, ignore_errors=True)
+
+
+def private_compile_cache() -> Path | None:
+    """On a GPU machine, a model server's own throwaway copy of the trusted compile cache, so
+    the kernels the kit's baseline runs compiled (FlashAttention 4's: seconds each) load instead
+    of compiling again in every server of every experiment. Only the kit's runs write the trusted
+    cache; each server gets a separate copy, which the other cannot see (no channel between
+    them) and which goes away with it (nothing reaches a later run). None elsewhere."""
+    trusted = trusted_compile_cache()
+    if not sandbox.gpu_devices() or not trusted.is_dir():
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="autoresearch-eval-cache-"))
+    shutil.copytree(trusted, folder, symlinks=True, dirs_exist_ok=True)
+    return folder
 
 
 def spot_checks(rows: np.ndarray, n: int, vocab: int, rng: random.Random):

@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import textwrap
 import time
 import uuid
@@ -33,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import autoresearch_lib as ar
-from autoresearch_lib import data, harness, loop, sandbox, scoring
+from autoresearch_lib import config, data, harness, loop, sandbox, scoring
 from autoresearch_lib.agents import ScriptedAgent
 from autoresearch_lib.baseline import render_train_py
 from autoresearch_lib.runner import TrainResult, run_training
@@ -554,32 +555,52 @@ for name, family, address in [("abstract unix socket", socket_.AF_UNIX, "\\0" + 
         KEEP.append(sock)
     except OSError:
         CHANNELS[name] = "taken by the other server"
-for folder in ("/tmp", "/dev/shm", "."):
+# on a GPU machine each server also has compile caches (a copy of the trusted ones) to write into
+FOLDERS = ["/tmp", "/dev/shm", "."] + [os_.environ[v] for v in {cache_variables!r} if v in os_.environ]
+for folder in FOLDERS:
     try:
+        os_.makedirs(folder, exist_ok=True)
         open(os_.path.join(folder, MEETING + "-" + ME), "w").write("rows I was asked about")
     except OSError:
         pass
 def report_collusion():  # at the first request: both servers are up by then
-    for folder in ("/tmp", "/dev/shm", "."):
+    for folder in FOLDERS:
         notes = glob_.glob(os_.path.join(folder, MEETING + "-*"))
         if any(not note.endswith(ME) for note in notes):
             CHANNELS[folder] = notes
-    raise RuntimeError("COLLUDE shared=" + json_.dumps(CHANNELS))
+    kernels = os_.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "-")
+    raise RuntimeError("COLLUDE shared=" + json_.dumps(CHANNELS) + " cached="
+                       + str(os_.path.exists(os_.path.join(kernels, "kernel-from-the-baseline"))))
 """
 
 
 @sandboxed
-def test_the_two_model_servers_cannot_reach_each_other(ws):
+@pytest.mark.parametrize("machine", ["cpu", "gpu"])
+def test_the_two_model_servers_cannot_reach_each_other(ws, machine, tmp_path, monkeypatch):
     """If the scorer could tell the checker what it reported, a peeking model could pass every
-    spot check. Its code, loaded by both, looks for a shared network, /tmp, /dev/shm or folder."""
+    spot check. Its code, loaded by both, looks for a shared network, /tmp, /dev/shm or folder.
+    On a (simulated) GPU machine each server also gets compile caches to write into: its own
+    copy of the trusted ones (so the baseline's kernels load), gone when it ends."""
+    trusted = tmp_path / "compile" / "trusted"
+    if machine == "gpu":
+        monkeypatch.setattr(sandbox, "gpu_devices", lambda: ["/dev/null"])  # "a GPU": one harmless node
+        monkeypatch.setenv("AUTORESEARCH_COMPILE_CACHE", str(tmp_path / "compile"))
+        (trusted / "flash_attn").mkdir(parents=True)
+        (trusted / "flash_attn" / "kernel-from-the-baseline").write_text("compiled by the kit's own run")
     marker = f"collude-{uuid.uuid4().hex}"
     port = 20000 + int(marker[-4:], 16) % 40000
-    source = edit(BASELINE, "\nimport math\n", "\nimport math\n" + COLLUDE.format(marker=marker, port=port))
+    cache_variables = sorted(config.compile_cache_env(Path("/")))
+    source = edit(BASELINE, "\nimport math\n", "\nimport math\n" + COLLUDE.format(
+        marker=marker, port=port, cache_variables=cache_variables))
     source = edit(source, "            return softcap(logits)", "            report_collusion()\n"
                                                                  "            return softcap(logits)")
     [exp] = propose(ws, ("meet the checker", source))
     assert_crash(exp, "evaluation failed")
-    assert "RuntimeError: COLLUDE shared={}" in log_of(ws, 1), log_of(ws, 1)[-2000:]
+    cached = machine == "gpu"  # the baseline's kernels were there to load
+    assert f"RuntimeError: COLLUDE shared={{}} cached={cached}" in log_of(ws, 1), log_of(ws, 1)[-2000:]
+    if machine == "gpu":  # nothing the servers wrote reached the trusted cache, or outlived them
+        assert [p.name for p in trusted.rglob("*")] == ["flash_attn", "kernel-from-the-baseline"]
+        assert not list(Path(tempfile.gettempdir()).glob(f"autoresearch-eval-cache-*/**/{marker}-*"))
     assert_nothing_lost(ws, [exp])
 
 
