@@ -785,7 +785,7 @@ def test_on_a_gpu_machine_a_script_finds_nothing_its_own_earlier_run_left_in_the
     script = tmp_path / "train.py"
     script.write_text(at_top("""
         import os
-        if "TORCHINDUCTOR_CACHE_DIR" in os.environ:  # training (the model servers have no cache)
+        if "TORCHINDUCTOR_CACHE_DIR" in os.environ:  # training; the servers' copies are of a trusted cache
             stash = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "weights.pt")
             print("FOUND" if os.path.exists(stash) else "NOTHING", flush=True)
             os.makedirs(os.path.dirname(stash), exist_ok=True)
