@@ -32,6 +32,11 @@ pip_install -e ".[test]"
 # Hopper or datacenter Blackwell (sm90, sm100): FlashAttention 4, optional (train.py falls back to FlexAttention)
 if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10))' 2>/dev/null; then
   echo "setup: Hopper/Blackwell GPU found, installing FlashAttention 4 (flash-attn-4)"
-  pip_install -e ".[hopper]" || echo "setup: flash-attn-4 did not install; train.py uses FlexAttention instead"
+  if ! pip_install -e ".[hopper]"; then
+    echo "setup: flash-attn-4 did not install; train.py uses FlexAttention instead"
+  elif ! "$PY" scripts/check_flash_attention_4.py; then
+    echo "setup: removing flash-attn-4 (it installed but does not run here); train.py uses FlexAttention instead"
+    "$PY" -m pip uninstall --quiet --yes flash-attn-4
+  fi
 fi
 echo "setup: ready ($("$PY" -c 'import torch, autoresearch_lib; print("torch", torch.__version__)'))"
