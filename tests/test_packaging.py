@@ -44,3 +44,12 @@ def test_cli_reports_bad_input_clearly(tmp_path, cache):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "error:" in out.stderr and "binary" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_flash_attention_4_check_says_why_it_fails_and_exits_non_zero():
+    """setup_venv.sh keeps flash-attn-4 only if this check passes; here (no GPU) it cannot."""
+    check = subprocess.run([sys.executable, "scripts/check_flash_attention_4.py"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1, check.stderr
+    assert "no CUDA GPU here" in check.stdout
+    assert "scripts/check_flash_attention_4.py" in (ROOT / "scripts" / "setup_venv.sh").read_text()
