@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's train.py section, on one card.
 #
-#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, step-levers, table)
+#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, step-levers, softcap, table)
 #
 # Each stage fits one 10-minute command. `first`: cold starts, the T4 path (fp16, windows through
 # the mask kernel) and a rough sweep of small-data candidates, several at once. `second`: upstream
@@ -10,9 +10,10 @@
 # whole steps in-process (bench/profile_gpu.py) with each window kernel, AOTAutograd's cache for
 # the custom loss, and regional compilation, each cold then warm. `fa4` (flash-attn-4 installed):
 # attention kernels alone, then whole steps with FlashAttention 4 and FlexAttention, cold and warm;
-# `fa4-levers`, after it: a profiled step, the float8 MLP, max-autotune. `step-levers`, after `fa4`'s install: bench/step_levers.py's levers one by one, then all together.
-# `table`: the side-by-side table
-# of docs/benchmarks.md in one call (start-up cold and three times warm, 60 s runs) and the T4 path.
+# `fa4-levers`, after it: a profiled step, the float8 MLP, max-autotune. `step-levers` and
+# `softcap` (flash-attn-4 installed): bench/step_levers.py's levers against the unedited step.
+# `table`: the side-by-side table of docs/benchmarks.md in one call (start-up cold and three
+# times warm, 60 s runs) and the T4 path.
 # Needs the prepared Shakespeare caches in $AUTORESEARCH_CACHE (vocab 2048 and 8192, made with
 # autoresearch_lib.prepare on any machine) and upstream's train.py at bench/.upstream/train.py
 # (`git show HEAD:train.py` of karpathy/autoresearch; not part of this repository).
