@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -191,3 +192,13 @@ def compile_cache_env(folder: Path) -> dict[str, str]:
     return {"TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TRITON_CACHE_DIR": str(folder / "triton"),
             "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1",
             "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(folder / "flash_attn")}
+
+
+def copy_compile_cache(trusted: Path, folder: Path) -> None:
+    """Copy the trusted compile cache into `folder`. A kit run may be writing it at the same time
+    (its temporary files come and go): a file that vanishes mid-copy is skipped, which costs at
+    most a recompilation, not the run."""
+    try:
+        shutil.copytree(trusted, folder, symlinks=True, dirs_exist_ok=True, copy_function=shutil.copy2)
+    except shutil.Error:  # raised at the end, after copying everything else
+        pass

@@ -34,7 +34,7 @@ from typing import Callable
 
 from . import data, sandbox, scoring
 from .baseline import render_train_py
-from .config import MODEL_FILE, PRESETS, Settings, compile_cache_env, trusted_compile_cache
+from .config import MODEL_FILE, PRESETS, Settings, compile_cache_env, copy_compile_cache, trusted_compile_cache
 from .output import OutputCapture
 from .records import write_atomic
 
@@ -409,7 +409,7 @@ def _compile_cache(env: dict, script_text: str, private: Path) -> list[Path]:
     trusted = trusted_compile_cache()
     folder = trusted if script_text in _baseline_scripts() else private / "compile"
     if folder != trusted and trusted.is_dir():
-        shutil.copytree(trusted, folder, symlinks=True)
+        copy_compile_cache(trusted, folder)
     folder.mkdir(parents=True, exist_ok=True)
     env.update(compile_cache_env(folder))
     return [folder]

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data, sandbox
-from .config import Settings, compile_cache_env, trusted_compile_cache
+from .config import Settings, compile_cache_env, copy_compile_cache, trusted_compile_cache
 from .output import OutputCapture
 
 EVAL_BATCH = 32  # rows per request
@@ -216,7 +216,7 @@ def private_compile_cache() -> Path | None:
     if not sandbox.gpu_devices() or not trusted.is_dir():
         return None
     folder = Path(tempfile.mkdtemp(prefix="autoresearch-eval-cache-"))
-    shutil.copytree(trusted, folder, symlinks=True, dirs_exist_ok=True)
+    copy_compile_cache(trusted, folder)
     return folder
 
 

@@ -263,6 +263,39 @@ def test_only_the_kits_own_train_py_keeps_a_compile_cache_the_others_get_a_throw
     assert runner._compile_cache({}, edited, tmp_path / "run4") == []  # no GPU: nothing compiled
 
 
+@pytest.mark.parametrize("who", ["a run", "a model server"])
+def test_a_file_that_vanishes_while_the_trusted_cache_is_copied_costs_nothing_but_itself(tmp_path, monkeypatch, who):
+    """On a machine with several GPUs the baseline's re-run may be writing the trusted cache while
+    another experiment copies it (Inductor and Triton write temporary files, then rename them):
+    a file gone mid-copy is skipped, the rest is copied, and the run or server starts anyway."""
+    import shutil
+
+    from autoresearch_lib import runner, scoring
+    from autoresearch_lib.baseline import render_train_py
+
+    monkeypatch.setattr(sandbox, "gpu_devices", lambda: ["/dev/null"])  # "a GPU machine"
+    monkeypatch.setenv("AUTORESEARCH_COMPILE_CACHE", str(tmp_path / "compile"))
+    trusted = tmp_path / "compile" / "trusted"
+    (trusted / "triton").mkdir(parents=True)
+    (trusted / "triton" / "kernel").write_text("the baseline's compiled kernel")
+    (trusted / "triton" / "tmp.write-in-progress").write_text("renamed away mid-copy")
+    copy2 = shutil.copy2
+
+    def vanishing(src, dst, **kw):
+        if str(getattr(src, "path", src)).endswith("tmp.write-in-progress"):
+            raise FileNotFoundError(2, "No such file or directory", src)
+        return copy2(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copy2", vanishing)
+    if who == "a run":
+        (tmp_path / "run").mkdir()
+        copy, = runner._compile_cache({}, render_train_py("h100").replace("0.04", "0.05"), tmp_path / "run")
+    else:
+        copy = scoring.private_compile_cache()
+    assert (copy / "triton" / "kernel").read_text() == "the baseline's compiled kernel"
+    assert not (copy / "triton" / "tmp.write-in-progress").exists()
+
+
 def test_a_new_workspaces_train_py_is_recognised_as_the_kits_own_code(tmp_path):
     """The loop's baseline run is what fills the trusted compile cache on a GPU machine, so the
     train.py a workspace starts with must be byte for byte the preset's (else every run of the
