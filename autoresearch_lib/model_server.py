@@ -20,22 +20,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import harness
+from .baseline import as_module
 
 
 def load(train_py: str, checkpoint: str, device: torch.device):
     """The model of a checkpoint, rebuilt from train.py's source (not run as __main__)."""
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    module = types.ModuleType("experiment")
-    sys.modules[module.__name__] = module  # dataclasses look their module up there
-    source = open(train_py, encoding="utf-8").read()
-    exec(compile(source, "train.py", "exec"), module.__dict__)
+    module = as_module(open(train_py, encoding="utf-8").read())
     model = module.GPT(module.GPTConfig(**payload["config"]))
     model.load_state_dict(payload["state_dict"], strict=False)  # buffers are rebuilt, not saved
     return model.to(device).eval()

@@ -20,6 +20,8 @@
 set -u
 OUT=${2:?an output folder}
 B="python3 bench/bench_trainpy_gpu.py"
+STEPS="python3 bench/profile_gpu.py --windows SSSL"  # whole steps in-process (or --attention alone)
+FA4_STEPS="$STEPS --cache-custom-functions --kernel fa4"
 ROWS="$OUT/trainpy-rows.jsonl"  # written as the runs end: a stage cut short keeps its rows
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_capability())"
@@ -40,7 +42,7 @@ cached() {  # torch.compile's and FlashAttention 4's on-disk caches in $1 (for p
 
 case $1 in
 levers)
-  P="python3 bench/profile_gpu.py --windows SSSL"
+  P=$STEPS
   $P --attention --out "$OUT/attention.json"
   n=0
   for variant in "--kernel flex" "--kernel flex --cache-custom-functions" "--kernel flex --cache-custom-functions --regional"; do
@@ -51,7 +53,7 @@ levers)
   done
   ;;
 fa4)  # needs flash-attn-4 installed: FlashAttention 4 against FlexAttention, each cold then warm
-  P="python3 bench/profile_gpu.py --windows SSSL --cache-custom-functions"
+  P="$STEPS --cache-custom-functions"
   cached /tmp/cc-attention
   $P --attention --out "$OUT/attention.json"
   for kernel in fa4 flex; do
@@ -61,7 +63,7 @@ fa4)  # needs flash-attn-4 installed: FlashAttention 4 against FlexAttention, ea
   done
   ;;
 fa4-levers)  # after `fa4` on the same machine: where a step goes, float8 MLP, max-autotune
-  P="python3 bench/profile_gpu.py --windows SSSL --cache-custom-functions --kernel fa4"
+  P=$FA4_STEPS
   cached /tmp/cc-fa4
   $P --steps 20 --profile --out "$OUT/fa4-bf16-warm.json"
   $P --steps 20 --float8 --out "$OUT/fa4-fp8-cold.json"
@@ -70,7 +72,7 @@ fa4-levers)  # after `fa4` on the same machine: where a step goes, float8 MLP, m
   $P --steps 20 --mode max-autotune-no-cudagraphs --out "$OUT/fa4-maxautotune-cold.json"
   ;;
 step-levers)  # needs flash-attn-4 (and so quack): bench/step_levers.py's levers against the unedited step
-  P="python3 bench/profile_gpu.py --windows SSSL --cache-custom-functions --kernel fa4"
+  P=$FA4_STEPS
   cached /tmp/cc-step-levers
   $P --steps 20 --profile --out "$OUT/base-cold.json"
   $P --steps 30 --out "$OUT/base-warm.json"
@@ -82,7 +84,7 @@ step-levers)  # needs flash-attn-4 (and so quack): bench/step_levers.py's levers
   ;;
 softcap)  # after `fa4`'s install: the soft-cap through sigmoid against tanh, warm, twice each;
   # then Inductor's coordinate-descent tuning, with either
-  P="python3 bench/profile_gpu.py --windows SSSL --cache-custom-functions --kernel fa4"
+  P=$FA4_STEPS
   cached /tmp/cc-softcap
   $P --steps 10 --out "$OUT/base-cold.json"
   $P --steps 10 --lever softcap-sigmoid --out "$OUT/sigmoid-cold.json"

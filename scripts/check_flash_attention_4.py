@@ -11,21 +11,18 @@ and setup_venv.sh uninstalls flash-attn-4, so "auto" picks FlexAttention instead
 """
 
 import sys
-import types
 
 import torch
 import torch.nn.functional as F
 
-from autoresearch_lib.baseline import render_train_py
+from autoresearch_lib.baseline import as_module, render_train_py
 
 
 def main() -> int:
     if not torch.cuda.is_available():
         print("check: no CUDA GPU here, so FlashAttention 4 cannot run")
         return 1
-    train_py = types.ModuleType("train_py")
-    sys.modules[train_py.__name__] = train_py  # dataclasses look their module up there
-    exec(compile(render_train_py("h100"), "train.py", "exec"), train_py.__dict__)
+    train_py = as_module(render_train_py("h100"))
     if not train_py.fa4_installed():
         print("check: flash-attn-4 is not installed, or lacks the two functions train.py calls")
         return 1

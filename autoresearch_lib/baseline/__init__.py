@@ -7,6 +7,8 @@ block, so the agent always sees plain numbers it can edit.
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 from ..config import get_preset
@@ -30,6 +32,14 @@ def render_train_py(preset: str = "auto") -> str:
     for name, value in get_preset(preset).hparams.items():
         source = set_constant(source, name, value)
     return source
+
+
+def as_module(source: str, name: str = "experiment") -> types.ModuleType:
+    """A train.py's source as a module, not run as __main__: it defines the model, trains nothing."""
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up there
+    exec(compile(source, "train.py", "exec"), module.__dict__)
+    return module
 
 
 def default_program() -> str:
