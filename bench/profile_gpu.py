@@ -7,7 +7,8 @@
 The first form builds the baseline model at the h100 preset's size and times whole optimizer
 steps as the harness does (the real packing loader on random documents, a device sync and the
 loss read back after every step): median, mean and slowest step, and the optimizer step alone.
---profile prints the top CUDA kernels of one step and their total time by kind.
+--profile prints the top CUDA kernels of one step and their total time by kind; --gaps TRACE
+profiles the CPU too and reports how long the card sits idle between kernels, and why.
 
 The second form times attention alone (forward + backward, batch 128 x 4 heads x 2048 x 128):
 SDPA's full causal kernels against FlexAttention's half-length sliding window, with the
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.profiler import record_function
 
 from autoresearch_lib import data
 from autoresearch_lib.baseline import render_train_py
@@ -72,7 +74,8 @@ def describe(label, times):
                 median_tok_s=2 * B * T / med, mean_tok_s=2 * B * T / mean)
 
 
-def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, regional=False, float8=False, levers=()):
+def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, regional=False, float8=False, levers=(),
+                gaps=None):
     torch.manual_seed(0)
     t_build = time.time()
     width = m.DEPTH * m.ASPECT_RATIO
@@ -97,16 +100,19 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, r
     x, y, _ = next(loader)
     t_built = time.time()
 
-    def step():
+    def step():  # the phases are named for --gaps (record_function costs nothing unprofiled)
         nonlocal x, y
-        for _ in range(2):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        for i in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16), record_function(f"phase: forward {i + 1}"):
                 loss = loss_fn(x, y)
-            (loss / 2).backward()
-            x, y, _ = next(loader)
-        for o in opts:
-            o.step()
-        model.zero_grad(set_to_none=True)
+            with record_function(f"phase: backward {i + 1}"):
+                (loss / 2).backward()
+            with record_function(f"phase: loader {i + 1}"):
+                x, y, _ = next(loader)
+        with record_function("phase: optimizer"):
+            for o in opts:
+                o.step()
+            model.zero_grad(set_to_none=True)
         return loss.detach()
 
     t0 = time.time()
@@ -143,7 +149,63 @@ def bench_steps(m, pattern, steps, profile=False, mode=None, plain_loss=False, r
             float(step())
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
         result["kernel_ms"] = kernel_categories(p)
+    if gaps:
+        result["gaps"] = idle_gaps(step, gaps)
     return result
+
+
+def idle_gaps(step, trace_path, n_steps=3):
+    """When is the card idle inside a step, and what was the CPU doing then? Profiles a few steps
+    (CPU and CUDA), writes the Chrome trace to trace_path, and reports the idle time between
+    kernels: in total per step, by the phase the CPU was in when it launched the kernel that ended
+    the gap, and the longest gaps. A gap whose kernel was launched late (the launch call ends
+    inside the gap) is the CPU's fault; one launched early is the card waiting on something else."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    float(step())
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(n_steps):
+            with record_function("phase: step"):
+                loss = step()
+                with record_function("phase: read loss"):
+                    float(loss)
+    p.export_chrome_trace(trace_path)
+    events = [e for e in json.load(open(trace_path))["traceEvents"] if e.get("ph") == "X"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events  # Triton launches through the driver API
+                if e.get("cat") in ("cuda_runtime", "cuda_driver")}
+    phases = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("phase: ")
+                     and e["name"] != "phase: step"), key=lambda e: e["ts"])
+    steps = [e for e in events if e.get("name") == "phase: step"]
+
+    def phase_at(ts):
+        inside = [e["name"][7:] for e in phases if e["ts"] <= ts <= e["ts"] + e["dur"]]
+        return inside[-1] if inside else "between steps"
+
+    gaps, by_phase, busy = [], {}, sum(k["dur"] for k in kernels)
+    for before, after in zip(kernels, kernels[1:]):
+        idle = after["ts"] - (before["ts"] + before["dur"])
+        if idle <= 0:
+            continue
+        launch = launches.get(after["args"].get("correlation"))
+        late = launch is not None and launch["ts"] + launch["dur"] > before["ts"] + before["dur"]
+        phase = phase_at(launch["ts"] if launch else after["ts"])
+        key = f"{phase} ({'launched late' if late else 'launched in time' if launch else 'launch not found'})"
+        by_phase[key] = by_phase.get(key, 0) + idle
+        gaps.append(dict(us=idle, phase=phase, late=late, before=before["name"][:70], after=after["name"][:70],
+                         launch_call=launch["name"] if launch else None))
+    wall = sum(e["dur"] for e in steps) / len(steps)
+    total = sum(g["us"] for g in gaps) / n_steps
+    print(f"  idle gaps: step {wall / 1000:.1f} ms, kernels {busy / n_steps / 1000:.1f} ms, idle between kernels "
+          f"{total / 1000:.1f} ms per step ({len(gaps) // n_steps} gaps)", flush=True)
+    for key, us in sorted(by_phase.items(), key=lambda kv: -kv[1]):
+        print(f"    {key:<48} {us / n_steps / 1000:7.2f} ms per step", flush=True)
+    longest = sorted(gaps, key=lambda g: -g["us"])[:25]
+    for g in longest:
+        print(f"    {g['us']:8.0f} us  {g['phase']:<12} {'late' if g['late'] else 'in time' if g['launch_call'] else '?'}  "
+              f"{g['before'][:40]} -> {g['after'][:40]} ({g['launch_call']})", flush=True)
+    return dict(step_ms=wall / 1000, kernel_ms=busy / n_steps / 1000, idle_ms=total / 1000,
+                by_phase_ms={k: v / n_steps / 1000 for k, v in by_phase.items()}, longest=longest)
 
 
 def kernel_categories(p):
@@ -317,6 +379,7 @@ if __name__ == "__main__":
     ap.add_argument("--autotune", action="store_true", help="with --attention: also max-autotune FlexAttention")
     ap.add_argument("--sweep", action="store_true", help="with --attention: every FlexAttention option set")
     ap.add_argument("--script", help="a train.py at the h100 size to time instead of the baseline")
+    ap.add_argument("--gaps", metavar="TRACE", help="also profile CPU and card: idle gaps, Chrome trace written here")
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args()
     print("card:", torch.cuda.get_device_name(0), "| torch", torch.__version__, flush=True)
@@ -340,7 +403,8 @@ if __name__ == "__main__":
             LEVERS[lever](m)
         if a.cache_custom_functions:  # let AOTAutograd cache graphs holding an autograd.Function
             torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
-        results = [bench_steps(m, w, a.steps, a.profile, a.mode, regional=a.regional, float8=a.float8, levers=a.lever)
+        results = [bench_steps(m, w, a.steps, a.profile, a.mode, regional=a.regional, float8=a.float8, levers=a.lever,
+                               gaps=a.gaps)
                    for w in a.windows]
         if a.plain_loss:
             results.append(bench_steps(m, a.windows[0], a.steps, a.profile, a.mode, plain_loss=True))

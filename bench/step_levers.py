@@ -11,6 +11,8 @@ step faster by more than noise, and some made it slower. They stay here, runnabl
                 (Triton's tanh is a long libdevice routine; its sigmoid is one fast exp)
     tuning      Inductor's coordinate-descent tuning of its own (element-wise and reduction)
                 kernels' block sizes: slower compilation, possibly faster kernels
+    fast-math   Inductor's use_fast_math (flush-to-zero exp in its kernels)
+    two-pass-lse  the loss's log-sum-exp in two passes instead of Inductor's online softmax
     quack-mlp   the MLP through quack's CuTe-DSL GEMMs (a dependency of flash-attn-4): ReLU²
                 computed in the first matmul's epilogue and its derivative in the backward's,
                 instead of separate element-wise passes over the 4x-wide hidden activations
@@ -151,4 +153,15 @@ def coordinate_descent_tuning(m):
     torch._inductor.config.coordinate_descent_tuning = True
 
 
-LEVERS = {"softcap-sigmoid": sigmoid_softcap, "tuning": coordinate_descent_tuning, "qkv": fused_qkv, "muon": compiled_muon, "quack-mlp": quack_mlp}
+def fast_math(m):
+    """Inductor's fast-math switch (flush-to-zero exp, also inside the loss's online log-sum-exp)."""
+    torch._inductor.config.use_fast_math = True
+
+
+def two_pass_logsumexp(m):
+    """The loss's log-sum-exp as a max pass then a sum pass, not Inductor's one-pass online softmax
+    (which pays two exps per logit where two passes pay the soft-cap twice)."""
+    torch._inductor.config.online_softmax = False
+
+
+LEVERS = {"fast-math": fast_math, "two-pass-lse": two_pass_logsumexp, "softcap-sigmoid": sigmoid_softcap, "tuning": coordinate_descent_tuning, "qkv": fused_qkv, "muon": compiled_muon, "quack-mlp": quack_mlp}

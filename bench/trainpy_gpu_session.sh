@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's train.py section, on one card.
 #
-#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, step-levers, softcap, table)
+#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, step-levers, softcap, gaps, table)
 #
 # Each stage fits one 10-minute command. `first`: cold starts, the T4 path (fp16, windows through
 # the mask kernel) and a rough sweep of small-data candidates, several at once. `second`: upstream
@@ -12,6 +12,8 @@
 # attention kernels alone, then whole steps with FlashAttention 4 and FlexAttention, cold and warm;
 # `fa4-levers`, after it: a profiled step, the float8 MLP, max-autotune. `step-levers` and
 # `softcap` (flash-attn-4 installed): bench/step_levers.py's levers against the unedited step.
+# `gaps` (flash-attn-4 installed): how long the card idles inside a step (profile_gpu.py --gaps,
+# Chrome trace kept), then the loss's two Inductor switches (fast-math, two-pass log-sum-exp).
 # `table`: the side-by-side table of docs/benchmarks.md in one call (start-up cold and three
 # times warm, 60 s runs) and the T4 path.
 # Needs the prepared Shakespeare caches in $AUTORESEARCH_CACHE (vocab 2048 and 8192, made with
@@ -81,6 +83,15 @@ step-levers)  # needs flash-attn-4 (and so quack): bench/step_levers.py's levers
   done
   $P --steps 30 --lever qkv --lever muon --lever quack-mlp --profile --out "$OUT/all.json"
   $P --steps 30 --out "$OUT/base-warm-2.json"
+  ;;
+gaps)  # needs flash-attn-4: idle time inside a step, then two Inductor switches for the loss
+  P=$FA4_STEPS
+  cached /tmp/cc-gaps
+  $P --steps 20 --profile --gaps /tmp/trace-base.json --out "$OUT/base.json"
+  gzip -c /tmp/trace-base.json > "$OUT/trace-base.json.gz"  # open in chrome://tracing or Perfetto
+  for lever in two-pass-lse fast-math; do
+    $P --steps 20 --profile --lever $lever --out "$OUT/$lever.json"
+  done
   ;;
 softcap)  # after `fa4`'s install: the soft-cap through sigmoid against tanh, warm, twice each;
   # then Inductor's coordinate-descent tuning, with either
