@@ -123,7 +123,7 @@ def _samples(train_py, path, settings, prepared, use_sandbox, log, prompt, num_s
     with scoring.model_folder(train_py, path) as folder:
         server = scoring.ModelServer(folder, settings, use_sandbox, log, time.time() + 600, "sampler")
         try:
-            server.wait_ready()
+            server.load()
             next_logits = lambda ids: torch.from_numpy(
                 server.ask("logits", np.asarray([ids]), positions=[len(ids) - 1]).copy())
             return [sample_with(next_logits, enc, prompt, max_new_tokens, temperature, top_k,

@@ -3,10 +3,13 @@
     python -m autoresearch_lib.model_server TRAIN_PY CHECKPOINT
 
 Started by scoring.py inside the sandbox, so the model's code (train.py, which the agent wrote)
-can read no file but these two and reach no network. It rebuilds the model — `GPT(GPTConfig(
-**config))` from train.py's source, weights from the checkpoint, loaded with
-`weights_only=True` so loading runs no code from it — then answers requests on stdin, one JSON
-header line plus raw bytes each, on stdout:
+can read no file but these two and reach no network. It imports torch, then waits for
+`{"op": "load"}` on stdin before it runs any of the model's code: the scorer starts its checker
+early but lets the model load there only once the other server is gone (see scoring.py). Then
+it rebuilds the model — `GPT(GPTConfig(**config))` from train.py's source, weights from the
+checkpoint, loaded with `weights_only=True` so loading runs no code from it — says
+`{"ready": true, "precision": ...}` and answers requests on stdin, one JSON header line plus
+raw bytes each, on stdout:
 
     {"op": "nll", "shape": [B, T+1]} + int64 rows  ->  float32 (B, T): -log p(row[t+1] | row[:t+1])
     {"op": "logits", "shape": [B, L], "positions": [p1..pB]} + int64 rows  ->  float32 (B, vocab)
@@ -17,6 +20,7 @@ scoring.py checks it (see there).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -69,6 +73,19 @@ def answer(model, header: dict, rows: np.ndarray, device, dtype) -> np.ndarray:
     raise ValueError(f"unknown request {header['op']!r}")
 
 
+def warm_up(device: torch.device) -> None:
+    """What the baseline model's code would otherwise wait for once told to load, done before:
+    the checker waits while the scorer works, so this costs it nothing. None of it is the
+    model's code: torch.compile's machinery (train.py's @torch.compiler.disable imports it, ~1 s),
+    the card's context, FlashAttention 4's package where it is installed (~1.3 s)."""
+    import torch._dynamo  # noqa: F401
+
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+        with contextlib.suppress(ImportError):
+            import flash_attn.cute.interface  # noqa: F401
+
+
 def main(train_py: str, checkpoint: str, device_name: str = "auto") -> None:
     # answers go to a private copy of stdout; whatever the model code prints goes to the log
     answers = os.fdopen(os.dup(1), "wb")
@@ -76,6 +93,9 @@ def main(train_py: str, checkpoint: str, device_name: str = "auto") -> None:
     requests = sys.stdin.buffer
     device = harness.detect_device(device_name)
     dtype = harness.detect_precision(device)
+    warm_up(device)
+    if json.loads(requests.readline() or "{}").get("op") != "load":  # the scorer went away first
+        return
     model = load(train_py, checkpoint, device)
     answers.write((json.dumps({"ready": True, "precision": str(dtype)}) + "\n").encode())
     answers.flush()

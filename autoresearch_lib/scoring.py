@@ -13,8 +13,12 @@ pairs, B is shown the same row with the tokens after t changed — only the next
 them — and asked for the logits at t. A causal model cannot tell the difference, so the loss
 the scorer computes from B's logits must equal the one A reported. A model that looks ahead
 (at the very token it must predict), or that reports losses lower than its own logits give,
-fails the check. A and B are separate processes in separate sandboxes, so they cannot agree
-on a story, and only the scorer knows which rows are checked and which tokens were changed.
+fails the check. Only the scorer knows which rows are checked and which tokens were changed.
+A and B are separate processes in separate sandboxes, and they never run the model's code at
+the same time: both start (importing torch) together, but B loads the model only after A has
+answered everything and been killed. Sandboxes separate files, networks and processes, not
+every channel of the kernel they share (two processes can signal through flock() on a file
+both can read), so B must have nothing to tell while A can still listen.
 `evaluate()` scores a checkpoint the same way, and samples text through a model server too.
 """
 
@@ -33,7 +37,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,9 +133,12 @@ class ModelServer:
         fcntl.fcntl(self.inp, fcntl.F_SETFL, fcntl.fcntl(self.inp, fcntl.F_GETFL) | os.O_NONBLOCK)
         self.buffer = b""
         self.half = False
+        self.closed = False
 
-    def wait_ready(self) -> None:
-        """Wait for the server to have built the model (it says so, and its precision)."""
+    def load(self) -> None:
+        """Let the server run the model's code: build the model, and wait until it has (it says
+        so, and its precision). Until now it only imported torch."""
+        self._write(b'{"op": "load"}\n')
         try:
             ready = json.loads(self._line())
         except ValueError:
@@ -196,6 +202,9 @@ class ModelServer:
         return np.frombuffer(self._read(4 * count), dtype=np.float32).reshape(shape)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         try:
             os.killpg(self.proc.pid, 9)
         except ProcessLookupError:
@@ -238,20 +247,17 @@ def spot_checks(rows: np.ndarray, n: int, vocab: int, rng: random.Random):
 
 
 def _start_servers(folder, settings, use_sandbox, log_lines, deadline):
-    """Start both servers at once (each imports torch and builds the model: seconds on a CPU).
+    """Start both servers at once: each imports torch (seconds on a CPU) but runs none of the
+    model's code until it is told to load.
 
     Started from this thread, which outlives them: the sandbox kills a process whose parent
     thread ends (--die-with-parent), so they must not be started from short-lived threads."""
-    servers = [ModelServer(folder, settings, use_sandbox, log_lines, deadline, name)
-               for name in ("scorer", "checker")]
+    scorer = ModelServer(folder, settings, use_sandbox, log_lines, deadline, "scorer")
     try:
-        for server in servers:
-            server.wait_ready()
-    except ScoringError:
-        for server in servers:
-            server.close()
+        return scorer, ModelServer(folder, settings, use_sandbox, log_lines, deadline, "checker")
+    except BaseException:
+        scorer.close()
         raise
-    return servers
 
 
 def score(train_py: str, checkpoint: Path, settings: Settings, prepared: data.Prepared,
@@ -264,34 +270,25 @@ def score(train_py: str, checkpoint: Path, settings: Settings, prepared: data.Pr
     with model_folder(train_py, checkpoint) as folder:
         scorer, checker = _start_servers(folder, settings, use_sandbox, log_lines, t0 + timeout)
         try:
-            checked = {}
-            thread = threading.Thread(target=_check, args=(checker, picks, check_rows, checked))
-            thread.start()
+            scorer.load()
             nll = np.concatenate([scorer.ask("nll", rows[i:i + EVAL_BATCH])
                                   for i in range(0, len(rows), EVAL_BATCH)])
-            thread.join()
-            if "error" in checked:
-                raise checked["error"]
+            scorer.close()  # all its answers are in: gone before the checker runs the model's code
+            checker.load()
+            positions = [t for _, t in picks]
+            logits = np.concatenate([
+                checker.ask("logits", check_rows[i:i + EVAL_BATCH], positions=positions[i:i + EVAL_BATCH])
+                for i in range(0, len(picks), EVAL_BATCH)])
         finally:
             scorer.close()
             checker.close()
     if nll.shape != (rows.shape[0], rows.shape[1] - 1) or not np.isfinite(nll).all():
         raise ScoringError("nan_loss", "the model's loss on the validation rows is not a finite "
                            "number (NaN or infinity) everywhere")
-    gap = verify(nll, rows, picks, checked["logits"], scorer.half or checker.half)
+    gap = verify(nll, rows, picks, logits, scorer.half or checker.half)
     nbytes = token_bytes[rows[:, 1:]]
     val_bpb = float((nll * (nbytes > 0)).sum() / (math.log(2) * nbytes.sum()))
     return Score(val_bpb, time.time() - t0, len(picks), gap)
-
-
-def _check(checker: ModelServer, picks, check_rows, out: dict) -> None:
-    try:
-        positions = [t for _, t in picks]
-        out["logits"] = np.concatenate([
-            checker.ask("logits", check_rows[i:i + EVAL_BATCH], positions=positions[i:i + EVAL_BATCH])
-            for i in range(0, len(picks), EVAL_BATCH)])
-    except ScoringError as e:
-        out["error"] = e
 
 
 def verify(nll: np.ndarray, rows: np.ndarray, picks, logits: np.ndarray, half: bool) -> float:

@@ -543,7 +543,7 @@ def test_a_model_that_reports_lower_losses_by_patching_cross_entropy_is_non_caus
 
 
 COLLUDE = """
-import glob as glob_, json as json_, os as os_, socket as socket_, uuid as uuid_
+import glob as glob_, json as json_, os as os_, socket as socket_, sys as sys_, uuid as uuid_
 # run in both model servers (they import this file): claim a meeting point, leave a note
 MEETING, ME, CHANNELS, KEEP = {marker!r}, uuid_.uuid4().hex, {{}}, []
 for name, family, address in [("abstract unix socket", socket_.AF_UNIX, "\\0" + MEETING),
@@ -563,7 +563,12 @@ for folder in FOLDERS:
         open(os_.path.join(folder, MEETING + "-" + ME), "w").write("rows I was asked about")
     except OSError:
         pass
-def report_collusion():  # at the first request: both servers are up by then
+def report_collusion():  # by the checker, which runs after the scorer: what did it leave?
+    frame = sys_._getframe(1)
+    while "header" not in frame.f_locals:
+        frame = frame.f_back
+    if frame.f_locals["header"]["op"] == "nll":  # the scorer answers, and leaves its notes behind
+        return
     for folder in FOLDERS:
         notes = glob_.glob(os_.path.join(folder, MEETING + "-*"))
         if any(not note.endswith(ME) for note in notes):
@@ -578,9 +583,11 @@ def report_collusion():  # at the first request: both servers are up by then
 @pytest.mark.parametrize("machine", ["cpu", "gpu"])
 def test_the_two_model_servers_cannot_reach_each_other(ws, machine, tmp_path, monkeypatch):
     """If the scorer could tell the checker what it reported, a peeking model could pass every
-    spot check. Its code, loaded by both, looks for a shared network, /tmp, /dev/shm or folder.
+    spot check. Its code, loaded by both, leaves notes in the scorer (a network address bound,
+    files in /tmp, /dev/shm, its folder) and looks for them in the checker, which runs after it.
     On a (simulated) GPU machine each server also gets compile caches to write into: its own
-    copy of the trusted ones (so the baseline's kernels load), gone when it ends."""
+    copy of the trusted ones (so the baseline's kernels load), gone when it ends. (While the
+    scorer runs, the checker runs none of the model's code: see the side-channel test below.)"""
     trusted = tmp_path / "compile" / "trusted"
     if machine == "gpu":
         monkeypatch.setattr(sandbox, "gpu_devices", lambda: ["/dev/null"])  # "a GPU": one harmless node
@@ -601,6 +608,93 @@ def test_the_two_model_servers_cannot_reach_each_other(ws, machine, tmp_path, mo
     if machine == "gpu":  # nothing the servers wrote reached the trusted cache, or outlived them
         assert [p.name for p in trusted.rglob("*")] == ["flash_attn", "kernel-from-the-baseline"]
         assert not list(Path(tempfile.gettempdir()).glob(f"autoresearch-eval-cache-*/**/{marker}-*"))
+    assert_nothing_lost(ws, [exp])
+
+
+LOCK_CHANNEL = """
+import fcntl as fcntl_, os as os_, sys as sys_, time as time_
+# A channel that no namespace separates: flock() on files that both servers can read. Each bit
+# is one file of Python's own library, held (1) or not (0), plus two for a handshake.
+_LIB = os_.path.dirname(os_.__file__)
+_FILES = sorted(os_.path.join(_LIB, n) for n in os_.listdir(_LIB) if n.endswith(".py"))[:34]
+READY, ACK, BITS, HELD, CHECKED = _FILES[0], _FILES[1], _FILES[2:], {}, None
+def hold(path, on):
+    if on and path not in HELD:
+        HELD[path] = open(path)
+        fcntl_.flock(HELD[path], fcntl_.LOCK_SH)
+    elif not on and path in HELD:
+        HELD.pop(path).close()
+def held(path):  # by the other server
+    with open(path) as f:
+        try:
+            fcntl_.flock(f, fcntl_.LOCK_EX | fcntl_.LOCK_NB)
+        except OSError:
+            return True
+        fcntl_.flock(f, fcntl_.LOCK_UN)
+        return False
+def until(condition, seconds):
+    deadline = time_.time() + seconds
+    while not condition():
+        if time_.time() > deadline:
+            return False
+        time_.sleep(0.0002)
+    return True
+def send(word):  # the checker: one 32-bit word; False if nobody is listening
+    for i, path in enumerate(BITS):
+        hold(path, word >> i & 1)
+    hold(READY, True)
+    heard = until(lambda: held(ACK), 2)
+    hold(READY, False)
+    return heard and until(lambda: not held(ACK), 2)
+def receive(seconds):  # the scorer
+    if not until(lambda: held(READY), seconds):
+        return None
+    word = sum(held(path) << i for i, path in enumerate(BITS))
+    hold(ACK, True)
+    until(lambda: not held(READY), 5)
+    hold(ACK, False)
+    return word
+def key(row, t):  # the 8 tokens up to t: the checker's row has them too
+    return hash(tuple(row[max(0, t - 7):t + 1])) & 0xFFFF
+def collude(idx, z):
+    global CHECKED
+    frame = sys_._getframe(1)
+    while frame is not None and "header" not in frame.f_locals:
+        frame = frame.f_back
+    header = frame.f_locals["header"]
+    if header["op"] == "logits":  # the checker: tell the scorer which positions are checked
+        for row, t in zip(idx.tolist(), header["positions"]):
+            if CHECKED is None and not send(t << 16 | key(row, t)):
+                CHECKED = "nobody listens"
+        return z  # and answer them honestly
+    if CHECKED is None:  # the scorer: hear the checker out first
+        from autoresearch_lib.scoring import SPOT_CHECKS
+        CHECKED = set()
+        while len(CHECKED) < SPOT_CHECKS and (word := receive(8 if not CHECKED else 5)) is not None:
+            CHECKED.add((word >> 16, word & 0xFFFF))
+        print(f"COLLUDE heard {len(CHECKED)} checked positions", file=sys_.stderr, flush=True)
+    y = frame.f_locals["y"]
+    honest = torch.zeros(y.shape, dtype=torch.bool)
+    for b, row in enumerate(idx.tolist()):
+        for t, k in CHECKED:
+            honest[b, t] = honest[b, t] or (t < len(row) and key(row, t) == k)
+    boost = 30.0 * (~honest).float().to(z.device)  # everywhere else: peek at the answer
+    return z.scatter_add(-1, y[..., None], boost[..., None])
+"""
+
+
+@sandboxed
+def test_the_scorer_cannot_learn_the_checked_positions_through_a_side_channel(ws):
+    """Files, sockets and /tmp are private to each server, but the kernel they share has other
+    channels: here flock() on files both can read. If the checker could tell the scorer which
+    positions it was asked about, the scorer would answer those honestly and peek everywhere
+    else, and every spot check would pass. So the checker is asked nothing while the scorer is
+    alive: its model code runs only after the scorer has answered everything and is gone."""
+    source = edit(BASELINE, "\nimport math\n", "\nimport math\n" + LOCK_CHANNEL)
+    source = edit(source, "            return softcap(logits)", "            return collude(idx, softcap(logits))")
+    [exp] = propose(ws, ("a sharper head", source))
+    assert_crash(exp, "non-causal")  # it peeked, and nothing told it where not to
+    assert "COLLUDE heard 0 checked positions" in log_of(ws, 1), log_of(ws, 1)[-3000:]
     assert_nothing_lost(ws, [exp])
 
 
