@@ -360,12 +360,13 @@ def run_command(argv: list[str], cwd: Path, env: dict, deadline: float,
     time.time() value) or on `stop` the whole group is killed. Returns (capture, returncode,
     timed_out). The GPT runner and tasks.py both run their commands through here.
     """
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group
-    capture = OutputCapture(os.dup(proc.stdout.fileno()), on_line=on_line)
-    proc.stdout.close()
-    timed_out = _wait(proc, deadline, stop)
+    with sandbox.untrusted_code(say=on_line):  # (not beside another experiment's spot checks)
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group
+        capture = OutputCapture(os.dup(proc.stdout.fileno()), on_line=on_line)
+        proc.stdout.close()
+        timed_out = _wait(proc, deadline, stop)
     if not capture.wait(2.0):  # something outside the run still holds its output: stop reading
         capture.stop()
     return capture, proc.returncode, timed_out
@@ -447,7 +448,7 @@ def _score(result, script_text, settings, prepared, run_dir, use_sandbox, say) -
     server_lines: list[str] = []
     try:
         scored = scoring.score(script_text, run_dir / MODEL_FILE, settings, prepared, use_sandbox,
-                               server_lines, timeout=120 + settings.budget)
+                               server_lines, timeout=120 + settings.budget, say=say)
     except scoring.ScoringError as e:
         result.status, result.reason = "crash", failure(e.code, str(e) if e.code == "eval_failed" else "")
         for line in [*server_lines[-20:], f"scoring failed: {e}"]:

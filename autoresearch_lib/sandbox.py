@@ -22,13 +22,21 @@ bwrap where it works), `1`/`bwrap` (require it: refuse to run without), `0`/`non
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import site
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from .redact import is_secret_name
 
@@ -155,3 +163,37 @@ def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: lis
         cmd += ["--ro-bind", str(real), inside]
     # the sandbox's own root (where bwrap made the mount points) read-only too
     return cmd + ["--remount-ro", "/", "--chdir", str(cwd), "--", *argv]
+
+
+@contextlib.contextmanager
+def untrusted_code(alone: bool = False, say=None):
+    """Held while untrusted code (a training run, a task's command, a model server) is alive on
+    this machine: shared by all of them, except the spot-check server, which must run `alone`.
+    Sandboxes separate files, networks and processes, but not every channel of the kernel they
+    share (flock() on a file they can all read, for one). A spot-check server that could hear
+    from any other experiment's code, alive beside it, could be told the answers by a relay that
+    heard them from its own scorer (scoring.py). So it waits until no other untrusted code runs
+    here, and none starts until it is done. The wait is bounded: every run has its outside clock.
+    A lock file per user in the system's temporary folder, which no sandbox sees; a lock goes
+    away with the process that held it."""
+    if fcntl is None:  # Windows: no sandbox there either
+        yield
+        return
+    path = Path(tempfile.gettempdir()) / f"autoresearch-untrusted-code-{os.getuid()}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        mode = fcntl.LOCK_EX if alone else fcntl.LOCK_SH
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if say and not said:
+                    said = True
+                    say("waiting for the other experiments on this machine: the spot checks run alone"
+                        if alone else "waiting for another experiment's spot checks, which run alone")
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)

@@ -261,8 +261,10 @@ def _start_servers(folder, settings, use_sandbox, log_lines, deadline):
 
 
 def score(train_py: str, checkpoint: Path, settings: Settings, prepared: data.Prepared,
-          use_sandbox: bool, log_lines: list, timeout: float) -> Score:
-    """val_bpb of `checkpoint` (a model defined by `train_py`), checked; or ScoringError."""
+          use_sandbox: bool, log_lines: list, timeout: float, say=None) -> Score:
+    """val_bpb of `checkpoint` (a model defined by `train_py`), checked; or ScoringError.
+    `timeout` is the scorer's, and the checker's from when it may run (see untrusted_code);
+    `say` hears about waiting for that."""
     t0 = time.time()
     rows = data.validation_rows(prepared, settings.seq_len, settings.eval_tokens)
     token_bytes = prepared.token_bytes()
@@ -270,15 +272,23 @@ def score(train_py: str, checkpoint: Path, settings: Settings, prepared: data.Pr
     with model_folder(train_py, checkpoint) as folder:
         scorer, checker = _start_servers(folder, settings, use_sandbox, log_lines, t0 + timeout)
         try:
-            scorer.load()
-            nll = np.concatenate([scorer.ask("nll", rows[i:i + EVAL_BATCH])
-                                  for i in range(0, len(rows), EVAL_BATCH)])
-            scorer.close()  # all its answers are in: gone before the checker runs the model's code
-            checker.load()
-            positions = [t for _, t in picks]
-            logits = np.concatenate([
-                checker.ask("logits", check_rows[i:i + EVAL_BATCH], positions=positions[i:i + EVAL_BATCH])
-                for i in range(0, len(picks), EVAL_BATCH)])
+            with sandbox.untrusted_code():
+                try:
+                    scorer.load()
+                    nll = np.concatenate([scorer.ask("nll", rows[i:i + EVAL_BATCH])
+                                          for i in range(0, len(rows), EVAL_BATCH)])
+                finally:
+                    scorer.close()  # gone before the checker runs the model's code
+            with sandbox.untrusted_code(alone=True, say=say):  # and so is any other experiment's code
+                try:
+                    checker.deadline = time.time() + timeout
+                    checker.load()
+                    positions = [t for _, t in picks]
+                    logits = np.concatenate([
+                        checker.ask("logits", check_rows[i:i + EVAL_BATCH], positions=positions[i:i + EVAL_BATCH])
+                        for i in range(0, len(picks), EVAL_BATCH)])
+                finally:
+                    checker.close()
         finally:
             scorer.close()
             checker.close()
