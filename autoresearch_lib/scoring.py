@@ -288,8 +288,8 @@ def score(train_py: str, checkpoint: Path, settings: Settings, prepared: data.Pr
                         checker.ask("logits", check_rows[i:i + EVAL_BATCH], positions=positions[i:i + EVAL_BATCH])
                         for i in range(0, len(picks), EVAL_BATCH)])
                 finally:
-                    checker.close()
-        finally:
+                    checker.close()  # inside its turn alone: nothing of it outlives the lock
+        finally:  # (a failed scorer: the checker, which ran none of the model's code, goes too)
             scorer.close()
             checker.close()
     if nll.shape != (rows.shape[0], rows.shape[1] - 1) or not np.isfinite(nll).all():
