@@ -122,15 +122,12 @@ def _samples(train_py, path, settings, prepared, use_sandbox, log, prompt, num_s
     gen = torch.Generator().manual_seed(seed)
     with scoring.model_folder(train_py, path) as folder:
         server = scoring.ModelServer(folder, settings, use_sandbox, log, time.time() + 600, "sampler")
-        with sandbox.untrusted_code():  # (not beside another experiment's spot checks)
-            try:
-                server.load()
-                next_logits = lambda ids: torch.from_numpy(
-                    server.ask("logits", np.asarray([ids]), positions=[len(ids) - 1]).copy())
-                return [sample_with(next_logits, enc, prompt, max_new_tokens, temperature, top_k,
-                                    gen, settings.seq_len) for _ in range(num_samples)]
-            finally:
-                server.close()
+        with server.turn():  # (not beside another experiment's spot checks)
+            server.load()
+            next_logits = lambda ids: torch.from_numpy(
+                server.ask("logits", np.asarray([ids]), positions=[len(ids) - 1]).copy())
+            return [sample_with(next_logits, enc, prompt, max_new_tokens, temperature, top_k,
+                                gen, settings.seq_len) for _ in range(num_samples)]
 
 
 def sample_with(next_logits, enc, prompt: str, max_new_tokens: int, temperature: float,

@@ -201,6 +201,17 @@ class ModelServer:
             raise self._fail("an answer that is not the protocol") from None
         return np.frombuffer(self._read(4 * count), dtype=np.float32).reshape(shape)
 
+    @contextlib.contextmanager
+    def turn(self, alone: bool = False, say=None):
+        """While the server may run the model's code: it holds the machine's lock on untrusted
+        code (shared, or `alone` for the checker: sandbox.untrusted_code) and is closed before
+        the lock is let go, so nothing of it outlives its turn."""
+        with sandbox.untrusted_code(alone=alone, say=say):
+            try:
+                yield self
+            finally:
+                self.close()
+
     def close(self) -> None:
         if self.closed:
             return
@@ -272,23 +283,17 @@ def score(train_py: str, checkpoint: Path, settings: Settings, prepared: data.Pr
     with model_folder(train_py, checkpoint) as folder:
         scorer, checker = _start_servers(folder, settings, use_sandbox, log_lines, t0 + timeout)
         try:
-            with sandbox.untrusted_code():
-                try:
-                    scorer.load()
-                    nll = np.concatenate([scorer.ask("nll", rows[i:i + EVAL_BATCH])
-                                          for i in range(0, len(rows), EVAL_BATCH)])
-                finally:
-                    scorer.close()  # gone before the checker runs the model's code
-            with sandbox.untrusted_code(alone=True, say=say):  # and so is any other experiment's code
-                try:
-                    checker.deadline = time.time() + timeout
-                    checker.load()
-                    positions = [t for _, t in picks]
-                    logits = np.concatenate([
-                        checker.ask("logits", check_rows[i:i + EVAL_BATCH], positions=positions[i:i + EVAL_BATCH])
-                        for i in range(0, len(picks), EVAL_BATCH)])
-                finally:
-                    checker.close()  # inside its turn alone: nothing of it outlives the lock
+            with scorer.turn():  # ends with the scorer gone, before the checker runs the model's code
+                scorer.load()
+                nll = np.concatenate([scorer.ask("nll", rows[i:i + EVAL_BATCH])
+                                      for i in range(0, len(rows), EVAL_BATCH)])
+            with checker.turn(alone=True, say=say):  # and so is any other experiment's code
+                checker.deadline = time.time() + timeout
+                checker.load()
+                positions = [t for _, t in picks]
+                logits = np.concatenate([
+                    checker.ask("logits", check_rows[i:i + EVAL_BATCH], positions=positions[i:i + EVAL_BATCH])
+                    for i in range(0, len(picks), EVAL_BATCH)])
         finally:  # (a failed scorer: the checker, which ran none of the model's code, goes too)
             scorer.close()
             checker.close()

@@ -190,10 +190,10 @@ def idle_gaps(step, trace_path, n_steps=3):
         launch = launches.get(after["args"].get("correlation"))
         late = launch is not None and launch["ts"] + launch["dur"] > before["ts"] + before["dur"]
         phase = phase_at(launch["ts"] if launch else after["ts"])
-        key = f"{phase} ({'launched late' if late else 'launched in time' if launch else 'launch not found'})"
-        by_phase[key] = by_phase.get(key, 0) + idle
-        gaps.append(dict(us=idle, phase=phase, late=late, before=before["name"][:70], after=after["name"][:70],
-                         launch_call=launch["name"] if launch else None))
+        when = "launched late" if late else "launched in time" if launch else "launch not found"
+        by_phase[f"{phase} ({when})"] = by_phase.get(f"{phase} ({when})", 0) + idle
+        gaps.append(dict(us=idle, phase=phase, late=late, when=when, before=before["name"][:70],
+                         after=after["name"][:70], launch_call=launch["name"] if launch else None))
     wall = sum(e["dur"] for e in steps) / len(steps)
     total = sum(g["us"] for g in gaps) / n_steps
     print(f"  idle gaps: step {wall / 1000:.1f} ms, kernels {busy / n_steps / 1000:.1f} ms, idle between kernels "
@@ -202,7 +202,7 @@ def idle_gaps(step, trace_path, n_steps=3):
         print(f"    {key:<48} {us / n_steps / 1000:7.2f} ms per step", flush=True)
     longest = sorted(gaps, key=lambda g: -g["us"])[:25]
     for g in longest:
-        print(f"    {g['us']:8.0f} us  {g['phase']:<12} {'late' if g['late'] else 'in time' if g['launch_call'] else '?'}  "
+        print(f"    {g['us']:8.0f} us  {g['phase']:<12} {g['when']:<17} "
               f"{g['before'][:40]} -> {g['after'][:40]} ({g['launch_call']})", flush=True)
     return dict(step_ms=wall / 1000, kernel_ms=busy / n_steps / 1000, idle_ms=total / 1000,
                 by_phase_ms={k: v / n_steps / 1000 for k, v in by_phase.items()}, longest=longest)
