@@ -204,6 +204,12 @@ class Guard:
                            "noise, not a change")
         return Verdict(False, gain, tie, f"not better ({_pct(-gain, incumbent)} worse)")
 
+    def could_keep(self, reference: Measurement, candidate: Measurement) -> bool:
+        """False when the candidate loses whatever the runs `next_run` may ask for turn out to be:
+        it would not be kept against `reference`, and the guard would not re-check the incumbent."""
+        return candidate.ok and (self.why_recheck(reference, candidate) is not None
+                                 or self.judge(candidate, reference).keep)
+
     def decide(self, reference: Measurement, candidate: list[Measurement],
                incumbent: list[Measurement]) -> Verdict:
         """The verdict once `next_run` has nothing more to run: the candidate's worse run against

@@ -97,6 +97,8 @@ class Event:
     A parallel loop adds "parallel" (describe: where experiments run), "wave" (wave, candidates:
     slot, commit, description, diff) and, for one run of the wave (index -1, data["slot"]),
     "started" (host, device, pid), "progress", "line", "result"; its rows come with "decision".
+    "alone" (commit, beside, host, value): the wave's leader, which could be kept, trains again
+    alone on its machine (`beside` other experiments ran there; it scored `value` beside them).
     """
 
     kind: str
@@ -398,12 +400,14 @@ class _Loop:
                      metric=info["metric"], direction=info["direction"], files=ws.files(),
                      pending=list(pending))
 
-    def train(self, index: int, commit: str | None = None, again: bool = False) -> TrainResult:
+    def train(self, index: int, commit: str | None = None, again: bool = False,
+              alone: bool = False) -> TrainResult:
         """Run the workspace's editable files (those of `commit`: the incumbent, for a re-check) as
         row `index`: runs/NNNN, logs/NNNN.log. For GPT `run_training(train_py, settings, ...)`,
         for a task `run_task(task, files, ...)`, unless the loop has an executor.
 
         again: the same row's second run; its log goes after the first one's in logs/NNNN.log.
+        alone: nothing else untrusted runs on its machine meanwhile (a wave's leader, confirmed).
         """
         ws = self.ws
         files = ws.files() if commit is None else {name: ws.show(commit, name) for name in ws.editable}
@@ -414,18 +418,20 @@ class _Loop:
         result = executor(first, second, ws.path / "runs" / f"{index:04d}",
                           on_progress=lambda p: self.emit(Event("progress", index, {"progress": p})),
                           on_line=lambda line: self.emit(Event("line", index, {"line": redact(line)})),
-                          stop=self.stop, log_path=log_path)  # where the workspace keeps it, out of the run's reach
-        self.finish_log(index, result, first_log)
+                          stop=self.stop, log_path=log_path,  # where the workspace keeps it, out of the run's reach
+                          **({"alone": True} if alone else {}))
+        self.finish_log(index, result, first_log, "trained again, alone on its machine" if alone else "trained again")
         return result
 
-    def finish_log(self, index: int, result: TrainResult, first_log: str | None = None) -> None:
+    def finish_log(self, index: int, result: TrainResult, first_log: str | None = None,
+                   heading: str = "trained again") -> None:
         """Redact what a run printed (a key it found, say): the runner redacts what it captures;
         this also covers any other executor. A row's second run goes after its first in the log."""
         result.reason, result.error_tail = redact(result.reason), redact(result.error_tail)
         path = self.ws.log_path(index)
         text = path.read_text(errors="replace") if path.exists() else ""
         if first_log is not None:
-            text = f"{first_log}\n=== the same code, trained again ===\n{text}"
+            text = f"{first_log}\n=== the same code, {heading} ===\n{text}"
         if redact(text) != text or first_log is not None:
             write_atomic(path, redact(text).encode())
         self.emit(Event("result", index, {"result": result}))
@@ -582,6 +588,7 @@ class _Loop:
                 on_line=lambda line, k=k: self.emit(Event("line", -1, {"line": redact(line), "slot": k, "wave": number})),
                 on_start=lambda w, k=k: self.emit(Event("started", -1, {"slot": k, "wave": number, **w})))
         leader = None  # (trial, result, log text) of the best result so far in this wave
+        hosts = {}  # slot -> where its run was (a crash's too: a helper need not succeed)
         try:
             while jobs:
                 if self.stopping:
@@ -592,6 +599,7 @@ class _Loop:
                     k = next(k for k, j in jobs.items() if j is job)
                     del jobs[k]
                     result, text = self.engine.result(job)
+                    hosts[k] = result.host
                     result.reason, result.error_tail = redact(result.reason), redact(result.error_tail)
                     self.emit(Event("result", -1, {"result": result, "slot": k, "wave": number}))
                     leader = self.arrived(trials[k], result, text, leader, done)
@@ -605,13 +613,48 @@ class _Loop:
                 done.append(self.record(t, self.wave_discard(t, result, "the loop was stopped before "
                                                              "its wave was judged")))
             else:
-                exp = self.judge(t, result)
+                others = [host for k, host in hosts.items() if trials[k] is not t]
+                exp = self.judge_leader(t, result, others)
                 done.append(self.record(t, exp if exp is not None else self.wave_discard(
                     t, result, "stopped while it was re-checked")))
         if self.stopping:
             done.append(Experiment(ws.next_index(), ws.head(), "", "stopped", reason="stopped by the user"))
             self.emit(Event("stopped", ws.next_index(), {"description": f"wave {number}"}))
         return done
+
+    def judge_leader(self, t: _Trial, result: TrainResult, others: list[str]) -> Experiment | None:
+        """The wave's leader, judged as one experiment would be; but not on a run that shared its
+        machine with the wave's other experiments (`others`: where they ran), if it could be kept.
+
+        Their code ran beside it, and sandboxes on one kernel can still talk (see sandbox.py): one
+        could have trained a model and handed it over, and the leader would score the work of two
+        budgets. So it trains once more, alone on its machine (runner.run_training's `alone`),
+        and is judged on that run; its wave run only made it the leader. None if stopped."""
+        beside = [host for host in others if not host or host == result.host]
+        if not beside or not self.could_keep(t, result):
+            return self.judge(t, result)
+        wave_value, where = _value(self.ws, result), result.host or "its machine"
+        self.emit(Event("alone", t.index, {"commit": t.commit, "beside": len(beside), "host": where,
+                                           "value": wave_value}))
+        alone = self.train(t.index, commit=t.commit, again=True, alone=True)
+        if alone.status == "stopped":
+            return None
+        exp = self.judge(t, alone)
+        if exp is not None:
+            exp.extra_runs += 1
+            exp.reason = (f"judged on a run alone (in its wave, beside {len(beside)} other "
+                          f"experiment(s) on {where}, it scored {self.ws.metric} {wave_value:.6g}): {exp.reason}")
+        return exp
+
+    def could_keep(self, t: _Trial, result: TrainResult) -> bool:
+        """Could `result` be kept, whatever the re-runs its decision asks for turn out to be?"""
+        ws = self.ws
+        if not result.ok:
+            return False
+        if self.recheck:
+            guard = _guard(self.recheck, t.rows, self.z, ws.metric)
+            return guard.could_keep(_reference(ws, t.rows, t.best), Measurement.of_result(result, _sign(ws)))
+        return beats(_value(ws, result), t.best[1], ws.direction, self.z * noise_sigma(t.rows, ws.metric))
 
     def propose_wave(self, rows, best, number: int, size: int) -> tuple[list[Experiment], list[_Trial]]:
         """Ask the agent for `size` distinct candidates, none a repeat of one tried before; each

@@ -92,12 +92,14 @@ class Mailbox:
         return items
 
 
-def run_remote(tag: int, first, second, fixed: dict | None, env: dict, mailbox) -> tuple:
+def run_remote(tag: int, first, second, fixed: dict | None, env: dict, mailbox,
+               alone: bool = False) -> tuple:
     """On a worker: run one experiment in a temporary folder; (TrainResult, log text, where).
 
     first, second: train.py's text and the Settings (GPT), or the Task and its editable files.
     fixed: a task's fixed files {relative path: bytes}, written out here when this node doesn't
     have the task's folder. env: the driver's AUTORESEARCH_* settings (quick mode, sandbox).
+    alone: no other experiment's code on this node meanwhile (runner.run_training's `alone`).
     """
     os.environ.update(env)
     here = where()
@@ -110,7 +112,7 @@ def run_remote(tag: int, first, second, fixed: dict | None, env: dict, mailbox) 
         result = run(first, second, scratch / "run",
                      on_progress=lambda p: mailbox.post.remote((tag, "progress", p)),
                      on_line=lambda line: mailbox.post.remote((tag, "line", line)),
-                     log_path=scratch / "run.log")
+                     log_path=scratch / "run.log", alone=alone)
         text = (scratch / "run.log").read_text(errors="replace") if (scratch / "run.log").exists() else ""
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -237,8 +239,9 @@ class Engine:
 
     # ------------------------------------------------------------ running
 
-    def submit(self, first, second, on_progress=None, on_line=None, on_start=None) -> Job:
-        """Start one experiment (see run_remote for first and second); returns its Job at once."""
+    def submit(self, first, second, on_progress=None, on_line=None, on_start=None,
+               alone: bool = False) -> Job:
+        """Start one experiment (see run_remote for first, second and alone); returns its Job at once."""
         fixed = None
         if isinstance(first, Task):  # read once per task, not once per experiment
             key = (str(first.folder), first.digest)
@@ -248,7 +251,7 @@ class Engine:
         env = {k: v for k, v in os.environ.items()
                if k.startswith("AUTORESEARCH_") and not is_secret_name(k)}
         tag = next(self.tags)
-        ref = self.remote.options(**self.options).remote(tag, first, second, fixed, env, self.mailbox)
+        ref = self.remote.options(**self.options).remote(tag, first, second, fixed, env, self.mailbox, alone)
         job = Job(tag, ref, on_progress, on_line, on_start)
         self.jobs[ref] = job
         return job
@@ -313,10 +316,10 @@ class Engine:
             self.jobs.pop(job.ref, None)
 
     def executor(self, first, second, run_dir, on_progress=None, on_line=None, stop=None,
-                 log_path=None) -> TrainResult:
+                 log_path=None, alone: bool = False) -> TrainResult:
         """One experiment on Ray, waited for: the same call as runner.run_training/tasks.run_task
         (the loop's re-runs and the baseline use it). The log is written to `log_path`."""
-        job = self.submit(first, second, on_progress, on_line)
+        job = self.submit(first, second, on_progress, on_line, alone=alone)
         while not self.wait([job], on_waiting=on_line):
             if stop is not None and stop.is_set():
                 self.cancel([job])

@@ -220,15 +220,24 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+ALONE = "this run confirms a result alone"
+
+
 def run_training(script_text: str, settings: Settings, run_dir: str | Path,
                  on_progress: Callable[[Progress], None] | None = None,
                  on_line: Callable[[str], None] | None = None,
                  timeout: float | None = None, stop: threading.Event | None = None,
-                 log_path: str | Path | None = None) -> TrainResult:
+                 log_path: str | Path | None = None, alone: bool = False) -> TrainResult:
     """Train `script_text` under `settings` in `run_dir`, score the model; return the result.
 
     The log goes to `log_path` (default run_dir/run.log). See the module docstring.
+    alone: no other experiment's code runs on this machine from start to end (it waits for
+    theirs to end, and theirs for it): a wave's leader is confirmed so (loop.py).
     """
+    if alone:
+        with sandbox.untrusted_code(alone=True, say=on_line, why=ALONE):
+            return run_training(script_text, settings, run_dir, on_progress, on_line, timeout,
+                                stop, log_path)
     t0 = time.time()
     run_dir, log_path, result, use_sandbox, say, lines = start(run_dir, log_path, on_line)
     (run_dir / "train.py").write_text(script_text, encoding="utf-8")

@@ -30,6 +30,7 @@ import site
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -166,17 +167,19 @@ def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: lis
 
 
 @contextlib.contextmanager
-def untrusted_code(alone: bool = False, say=None):
+def untrusted_code(alone: bool = False, say=None, why: str = "the spot checks run alone"):
     """Held while untrusted code (a training run, a task's command, a model server) is alive on
-    this machine: shared by all of them, except the spot-check server, which must run `alone`.
+    this machine: shared by all of them, except what must run `alone`: the spot-check server,
+    and a run that confirms a wave's leader (loop.py).
     Sandboxes separate files, networks and processes, but not every channel of the kernel they
     share (flock() on a file they can all read, for one). A spot-check server that could hear
     from any other experiment's code, alive beside it, could be told the answers by a relay that
     heard them from its own scorer (scoring.py). So it waits until no other untrusted code runs
     here, and none starts until it is done. The wait is bounded: every run has its outside clock.
     A lock file per user in the system's temporary folder, which no sandbox sees; a lock goes
-    away with the process that held it."""
-    if fcntl is None:  # Windows: no sandbox there either
+    away with the process that held it. Inside `alone`, the same thread holds the machine
+    already: a nested hold is a no-op (a run alone trains and scores without waiting for itself)."""
+    if fcntl is None or getattr(_alone, "held", False):  # Windows: no sandbox there either
         yield
         return
     path = Path(tempfile.gettempdir()) / f"autoresearch-untrusted-code-{os.getuid()}.lock"
@@ -191,9 +194,14 @@ def untrusted_code(alone: bool = False, say=None):
             except BlockingIOError:
                 if say and not said:
                     said = True
-                    say("waiting for the other experiments on this machine: the spot checks run alone"
-                        if alone else "waiting for another experiment's spot checks, which run alone")
+                    say(f"waiting for the other experiments on this machine: {why}"
+                        if alone else "waiting for another experiment's code that runs alone here")
                 time.sleep(0.1)
+        _alone.held = alone
         yield
     finally:
+        _alone.held = False
         os.close(fd)
+
+
+_alone = threading.local()  # .held: this thread holds the machine alone (see untrusted_code)

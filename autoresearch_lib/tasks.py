@@ -379,17 +379,22 @@ def load_task(spec: str | Path, settings: Settings | None = None) -> Task:
 def run_task(task: Task, files: dict[str, str], run_dir: str | Path,
              on_progress: Callable[[Progress], None] | None = None,
              on_line: Callable[[str], None] | None = None,
-             stop: threading.Event | None = None, timeout: float | None = None, log_path: str | Path | None = None) -> TrainResult:
+             stop: threading.Event | None = None, timeout: float | None = None,
+             log_path: str | Path | None = None, alone: bool = False) -> TrainResult:
     """Run one candidate of `task` (its editable texts, `files`) in `run_dir`; its result.
 
     result.metric is the number read (val_bpb too for GPT, else None); the log goes to
-    `log_path` (default run_dir/run.log). `timeout` overrides the task's. See the module doc.
+    `log_path` (default run_dir/run.log). `timeout` overrides the task's. `alone`: as
+    runner.run_training's. See the module doc.
     """
     files = _checked(task, files)
     if task.is_gpt:
         return runner.run_training(files["train.py"], task.settings, run_dir,
                                    on_progress=on_progress, on_line=on_line, timeout=timeout,
-                                   stop=stop, log_path=log_path)
+                                   stop=stop, log_path=log_path, alone=alone)
+    if alone:
+        with sandbox.untrusted_code(alone=True, say=on_line, why=runner.ALONE):
+            return run_task(task, files, run_dir, on_progress, on_line, stop, timeout, log_path)
     t0 = time.time()
     run_dir, log_path, result, use_sandbox, say, said = runner.start(
         run_dir, log_path, on_line, " and ".join(task.editable))

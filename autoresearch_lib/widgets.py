@@ -450,6 +450,12 @@ class Dashboard:
         self._set_status(f"experiment #{e.data['candidate']}: {html.escape(e.data['headline'])} "
                          f"(training {e.data['commit']} again as #{e.index}: {html.escape(e.data['why'])})")
 
+    def _on_alone(self, e) -> None:
+        self.progress.value = 0
+        self._set_status(f"experiment #{e.index} led its wave ({self.ws.metric} {e.data['value']:.6g}) beside "
+                         f"{e.data['beside']} other experiment(s) on {html.escape(e.data['host'])}: "
+                         "training it again alone there before it can be kept")
+
     def _on_waiting(self, e) -> None:
         if e.index < 0:  # a parallel run waits for a free GPU / CPUs
             self._set_status(html.escape(e.data["reason"]), error=True)

@@ -69,6 +69,17 @@ def test_a_small_loss_on_a_busier_machine_is_rechecked_a_big_one_and_a_clear_win
     assert g.why_recheck(ref, m(1.8, tps=slower)) is None  # won despite the busier machine
 
 
+def test_could_keep_is_false_only_for_a_candidate_that_loses_whatever_is_run_again():
+    """A wave's leader is trained again alone only if it could still be kept (loop.py)."""
+    g, ref = Guard(), m(2.0, tps=1000)
+    assert g.could_keep(ref, m(1.9))  # a clear win: kept without a re-check
+    assert g.could_keep(ref, m(2.0 * (1 + MARGIN), tps=1000 * (1 - 2 * SPEED)))  # a busier machine may hide a win
+    assert g.could_keep(ref, m(2.0 * (1 - TIE - MARGIN / 2)))  # a close call: re-checked
+    assert not g.could_keep(ref, m(2.1))  # a loss under the same conditions
+    assert not g.could_keep(ref, m(2.0 * (1 - TIE / 2)))  # a tie
+    assert not g.could_keep(ref, m(None))  # a crash
+
+
 def test_a_new_model_size_says_nothing_about_the_machine_so_wins_are_rechecked():
     g, ref = Guard(), m(2.0, tps=1000, params=1.0)
     assert "size changed" in g.why_recheck(ref, m(1.8, tps=1000, params=2.0))

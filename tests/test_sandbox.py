@@ -306,3 +306,27 @@ def test_a_new_workspaces_train_py_is_recognised_as_the_kits_own_code(tmp_path):
     ws = Workspace.create(tmp_path / "ws", preset="quick", tag="trusted")
     assert ws.train_py in runner._baseline_scripts()
     assert ws.train_py.replace("MATRIX_LR = ", "MATRIX_LR = 1.01 * ") not in runner._baseline_scripts()
+
+
+def test_code_that_runs_alone_waits_for_the_others_and_they_wait_for_it():
+    """The machine's lock (sandbox.untrusted_code): what runs alone (a spot-check server, a wave's
+    leader confirmed) starts only once the other experiments' code here has ended, nothing else
+    untrusted starts while it runs, and what it runs itself (its training, its model servers)
+    does not wait for it."""
+    other = ("import sys, time\nfrom autoresearch_lib import sandbox\n"
+             "with sandbox.untrusted_code(alone=sys.argv[1] == 'alone'):\n"
+             "    print('in', flush=True)\n    time.sleep(float(sys.argv[2]))\n")
+    training = subprocess.Popen([sys.executable, "-c", other, "shared", "1.5"], stdout=subprocess.PIPE, text=True)
+    assert training.stdout.readline() == "in\n"  # another experiment's run holds the machine, shared
+    said, t0 = [], time.time()
+    with sandbox.untrusted_code(alone=True, say=said.append, why="this run confirms a result alone"):
+        waited = time.time() - t0
+        with sandbox.untrusted_code(), sandbox.untrusted_code(alone=True):  # its own code: no wait
+            pass
+        late = subprocess.Popen([sys.executable, "-c", other, "shared", "0"], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert late.poll() is None  # a new run waits for it
+    assert late.stdout.readline() == "in\n" and late.wait(30) == 0
+    assert training.wait(30) == 0
+    assert waited >= 1.0, waited
+    assert said == ["waiting for the other experiments on this machine: this run confirms a result alone"]

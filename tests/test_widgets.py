@@ -319,6 +319,8 @@ def test_the_parallel_control_runs_waves_and_shows_them_live(tmp_path):
     assert dash.parallel.value == 2 and "parallel" in [c.description for c in dash.widget.children[4].children]
     tables = []
     dash._refresh_wave = (lambda original: lambda force=False: (original(True), tables.append(dash.wave_table.value)))(dash._refresh_wave)
+    statuses = []
+    dash._set_status = (lambda original: lambda text, *a, **kw: (statuses.append(text), original(text, *a, **kw)))(dash._set_status)
     assert dash.start()
     assert dash.parallel.disabled  # no change mid-run
     assert dash.wait(240) and dash.error is None, dash.error
@@ -329,3 +331,6 @@ def test_the_parallel_control_runs_waves_and_shows_them_live(tmp_path):
         assert html.escape(r["description"]) in final
     assert final.count("done:") + final.count("crash:") == 2 and "CPU cores" in final
     assert not dash.parallel.disabled
+    kept = [n for n, r in enumerate(rows) if r["wave"] and r["status"] == "keep"]
+    assert kept, rows  # the leader won: before its keep, it trained again alone, and said so
+    assert any(f"experiment #{kept[0]} led its wave (mse " in text and "again alone" in text for text in statuses), statuses
