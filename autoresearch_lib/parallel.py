@@ -192,6 +192,9 @@ class Engine:
                 self.options["accelerator_type"] = self.gpu_type
         else:
             self.options = {"num_cpus": max(1, self.cpus // parallel)}
+        # a wave's candidates on as many machines as there are: one that shared its machine
+        # with another must train again alone before a keep (loop.py), one alone there need not
+        self.options["scheduling_strategy"] = "SPREAD"
         self.remote = ray.remote(max_retries=0)(run_remote)
         self.mailbox = ray.remote(Mailbox).options(num_cpus=0).remote()
         self.jobs: dict[object, Job] = {}

@@ -1,7 +1,7 @@
 """Parallel loop benchmark: experiments per hour and tokens/s, one at a time vs waves on Ray.
 
     python bench/bench_parallel.py [--preset quick] [--budget 5] [--experiments 6] [--parallel 2]
-                                   [--repeats 2] [--ray-address ADDR]
+                                   [--repeats 2] [--ray-address ADDR] [--only-parallel]
 
 For each setting (parallel 1, then N) a fresh workspace runs the offline agent for
 `experiments` experiments after its baseline (fair comparisons off, so every experiment is one
@@ -9,7 +9,9 @@ run and the two loops do the same amount of training). Reported per setting, med
 `repeats`: experiments per hour (wall clock from the first candidate to the last row, the
 baseline excluded) and the candidates' median tokens/s. On a GPU machine with N GPUs, parallel
 N should give ~N times the experiments per hour at the same tokens/s per run (one GPU each);
-on a CPU, N runs share the cores, so each is slower. Writes bench/results/parallel-DATE.json.
+on a CPU, N runs share the cores, so each is slower. "alone": how many waves' leaders trained
+again alone before their keep could be decided (loop.py), a cost that waves pay and a serial
+loop does not. Writes bench/results/parallel-DATE.json.
 """
 
 import argparse
@@ -40,23 +42,25 @@ def one(preset, budget, experiments, parallel, address):
             "per_hour": 3600 * len(rows) / seconds,
             "tok_per_sec": statistics.median(speeds) if speeds else 0.0,
             "devices": sorted({str(r.get("device")) for r in rows}),
-            "crashes": sum(r["status"] == "crash" for r in rows)}
+            "crashes": sum(r["status"] == "crash" for r in rows),
+            "alone": sum(str(r["reason"]).startswith("judged on a run alone") for r in rows)}
 
 
 def main(args):
-    runs = {1: [], args.parallel: []}
+    runs = {args.parallel: []} if args.only_parallel else {1: [], args.parallel: []}
     for _ in range(args.repeats):
         for n in runs:  # interleaved, so a change in the machine's load hits both alike
             runs[n].append(one(args.preset, args.budget, args.experiments, n, args.ray_address))
             print(json.dumps(runs[n][-1]), flush=True)
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("per_hour", "tok_per_sec", "seconds")}
            for n, rs in runs.items()}
-    serial, par = med[1], med[args.parallel]
     print(f"\n| loop | experiments/hour | tokens/s per run |\n|---|---|---|")
     for n, m in med.items():
         print(f"| parallel {n} | {m['per_hour']:.0f} | {m['tok_per_sec']:,.0f} |")
-    print(f"\nratio: {par['per_hour'] / serial['per_hour']:.2f}x experiments/hour, "
-          f"{par['tok_per_sec'] / serial['tok_per_sec']:.2f}x tokens/s per run")
+    if 1 in med:
+        serial, par = med[1], med[args.parallel]
+        print(f"\nratio: {par['per_hour'] / serial['per_hour']:.2f}x experiments/hour, "
+              f"{par['tok_per_sec'] / serial['tok_per_sec']:.2f}x tokens/s per run")
     out = Path(__file__).parent / "results" / f"parallel-{time.strftime('%Y%m%d-%H%M')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "machine": platform.node(),
@@ -72,4 +76,5 @@ if __name__ == "__main__":
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--ray-address")
+    p.add_argument("--only-parallel", action="store_true", help="skip the serial loop (A/B of two versions' waves)")
     main(p.parse_args())
