@@ -101,10 +101,9 @@ class LoopPrinter:
         elif e.kind == "wave":
             print(f"wave {e.data['wave']}: " + " | ".join(c["description"] for c in e.data["candidates"]),
                   flush=True)
-        elif e.kind == "alone":  # the wave's leader trains again, alone on its machine
-            print(f"#{e.index} led the wave ({self.metric} {e.data['value']:.6g}) beside {e.data['beside']} other "
-                  f"experiment(s) on {e.data['host']}: training it again alone before it can be kept",
-                  flush=True)
+        elif e.kind == "alone":  # it had company while it trained: again, alone on its machine
+            print(f"#{e.index} ({self.metric} {e.data['value']:.6g}) trained beside other experiments' "
+                  f"code on {e.data['host']}: training it again alone before it can be kept", flush=True)
             self.bar.start(e.index)
         elif e.kind == "waiting" and e.index < 0:  # a parallel experiment waits for a GPU
             print(e.data["reason"], flush=True)

@@ -28,6 +28,12 @@ HEAD, is a crash "tampered: ...", and the file is put back), and, before every e
 kit's code and the evaluation data as the workspace pinned them (a LoopError says what changed).
 See Workspace.hold and pins.py.
 
+Company. Sandboxes on one machine separate files, networks and processes, not every channel of
+the kernel they share: a run could train a model for another run beside it, which would then
+score the work of two budgets. So a candidate that could be kept, and whose run had other
+experiments' code beside it on its machine (a wave's other candidates, or another loop's runs),
+trains once more alone there and is judged on that run (`_Loop.judge`).
+
 Fair comparisons (`recheck=True`, the default; see fairness.py): with a fixed wall-clock budget
 val_bpb depends on how busy the machine is, so before a candidate is kept the incumbent (the best
 commit) is trained again right after it whenever the machine's speed changed, the model's size
@@ -97,8 +103,9 @@ class Event:
     A parallel loop adds "parallel" (describe: where experiments run), "wave" (wave, candidates:
     slot, commit, description, diff) and, for one run of the wave (index -1, data["slot"]),
     "started" (host, device, pid), "progress", "line", "result"; its rows come with "decision".
-    "alone" (commit, beside, host, value): the wave's leader, which could be kept, trains again
-    alone on its machine (`beside` other experiments ran there; it scored `value` beside them).
+    "alone" (commit, beside, host, value): a candidate that could be kept, whose first run had
+    other experiments' code beside it (`beside` of them, on `host`; it scored `value`), trains
+    again alone there (see _Loop.judge); a wave's leader is the usual case.
     """
 
     kind: str
@@ -328,8 +335,28 @@ class _Loop:
 
     def judge(self, t: _Trial, result: TrainResult) -> Experiment | None:
         """The candidate's verdict from its first run (re-running what the rule asks for); None
-        if the user stopped it."""
+        if the user stopped it.
+
+        Not on a run that had company, if it could be kept: other experiments' code ran on its
+        machine while it trained (a wave's other candidates, another loop: `result.beside`), and
+        sandboxes on one kernel can still talk (sandbox.py). One could have trained a model and
+        handed it over, and this one would score the work of two budgets. So it trains once
+        more, alone on its machine (runner.run_training's `alone`), and is judged on that run."""
+        first = result
+        if first.beside and self.could_keep(t, first):
+            self.emit(Event("alone", t.index, {"commit": t.commit, "beside": first.beside,
+                                               "host": first.host or socket.gethostname(),
+                                               "value": _value(self.ws, first)}))
+            result = self.train(t.index, commit=t.commit if t.wave is not None else None,
+                                again=True, alone=True)
+            if result.status == "stopped":
+                return None
         exp = self.decide_fairly(t, result) if self.recheck else self.upstream_rule(t, result)
+        if exp is not None and result is not first:
+            exp.extra_runs += 1
+            exp.reason = (f"judged on a run alone (its first run, {self.ws.metric} "
+                          f"{_value(self.ws, first):.6g}, had other experiments' code beside it on "
+                          f"{first.host or socket.gethostname()})" + (f": {exp.reason}" if exp.reason else ""))
         return None if exp is None else self.comparable(t, exp)
 
     def comparable(self, t: _Trial, exp: Experiment) -> Experiment:
@@ -355,7 +382,10 @@ class _Loop:
         sigma, direction = noise_sigma(t.rows, ws.metric), ws.direction
         val = _value(ws, result)
         if result.ok and sigma and beats(val, best[1], direction, self.z * sigma):  # confirm a win once
-            again = self.train(t.index, commit=t.commit if t.wave is not None else None, again=True)
+            commit = t.commit if t.wave is not None else None
+            again = self.train(t.index, commit=commit, again=True)
+            if again.ok and again.beside:  # averaged in: not a run that had company (see judge)
+                again = self.train(t.index, commit=commit, again=True, alone=True)
             if again.status == "stopped":
                 return None
             # a crash of the re-run is the experiment's crash (not a discard with val_bpb inf)
@@ -588,7 +618,6 @@ class _Loop:
                 on_line=lambda line, k=k: self.emit(Event("line", -1, {"line": redact(line), "slot": k, "wave": number})),
                 on_start=lambda w, k=k: self.emit(Event("started", -1, {"slot": k, "wave": number, **w})))
         leader = None  # (trial, result, log text) of the best result so far in this wave
-        hosts = {}  # slot -> where its run was (a crash's too: a helper need not succeed)
         try:
             while jobs:
                 if self.stopping:
@@ -599,7 +628,6 @@ class _Loop:
                     k = next(k for k, j in jobs.items() if j is job)
                     del jobs[k]
                     result, text = self.engine.result(job)
-                    hosts[k] = result.host
                     result.reason, result.error_tail = redact(result.reason), redact(result.error_tail)
                     self.emit(Event("result", -1, {"result": result, "slot": k, "wave": number}))
                     leader = self.arrived(trials[k], result, text, leader, done)
@@ -613,38 +641,13 @@ class _Loop:
                 done.append(self.record(t, self.wave_discard(t, result, "the loop was stopped before "
                                                              "its wave was judged")))
             else:
-                others = [host for k, host in hosts.items() if trials[k] is not t]
-                exp = self.judge_leader(t, result, others)
+                exp = self.judge(t, result)
                 done.append(self.record(t, exp if exp is not None else self.wave_discard(
                     t, result, "stopped while it was re-checked")))
         if self.stopping:
             done.append(Experiment(ws.next_index(), ws.head(), "", "stopped", reason="stopped by the user"))
             self.emit(Event("stopped", ws.next_index(), {"description": f"wave {number}"}))
         return done
-
-    def judge_leader(self, t: _Trial, result: TrainResult, others: list[str]) -> Experiment | None:
-        """The wave's leader, judged as one experiment would be; but not on a run that shared its
-        machine with the wave's other experiments (`others`: where they ran), if it could be kept.
-
-        Their code ran beside it, and sandboxes on one kernel can still talk (see sandbox.py): one
-        could have trained a model and handed it over, and the leader would score the work of two
-        budgets. So it trains once more, alone on its machine (runner.run_training's `alone`),
-        and is judged on that run; its wave run only made it the leader. None if stopped."""
-        beside = [host for host in others if not host or host == result.host]
-        if not beside or not self.could_keep(t, result):
-            return self.judge(t, result)
-        wave_value, where = _value(self.ws, result), result.host or "its machine"
-        self.emit(Event("alone", t.index, {"commit": t.commit, "beside": len(beside), "host": where,
-                                           "value": wave_value}))
-        alone = self.train(t.index, commit=t.commit, again=True, alone=True)
-        if alone.status == "stopped":
-            return None
-        exp = self.judge(t, alone)
-        if exp is not None:
-            exp.extra_runs += 1
-            exp.reason = (f"judged on a run alone (in its wave, beside {len(beside)} other "
-                          f"experiment(s) on {where}, it scored {self.ws.metric} {wave_value:.6g}): {exp.reason}")
-        return exp
 
     def could_keep(self, t: _Trial, result: TrainResult) -> bool:
         """Could `result` be kept, whatever the re-runs its decision asks for turn out to be?"""

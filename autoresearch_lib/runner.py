@@ -84,6 +84,7 @@ class TrainResult:
     sandbox: str = ""  # how the training was isolated: "bwrap" or "none"
     device: str = ""  # what it trained on: "cpu", "cuda", or the GPU's name (parallel runs)
     host: str = ""  # the machine it ran on (parallel runs: the Ray worker's)
+    beside: int = 0  # other experiments' code that ran on that machine while it trained (sandbox.untrusted_code)
     precision: str = ""
     wall_seconds: float = 0.0  # seen from outside: start to the end of scoring
     eval_seconds: float = 0.0  # scoring (both model servers, the spot checks)
@@ -245,9 +246,9 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
     fingerprint = prepared.fingerprint()  # checked again after the run
     private = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
     try:
-        capture, returncode, timed_out = _train(script_text, settings, run_dir, prepared, private,
-                                                use_sandbox, result, on_progress, on_line,
-                                                timeout or default_timeout(settings), stop, t0)
+        capture, returncode, timed_out, result.beside = _train(
+            script_text, settings, run_dir, prepared, private, use_sandbox, result, on_progress,
+            on_line, timeout or default_timeout(settings), stop, t0)
     finally:
         shutil.rmtree(private, ignore_errors=True)
     log = capture.text()
@@ -323,7 +324,7 @@ def fresh_dir(run_dir: Path) -> Path:
 
 def _train(script_text, settings, run_dir, prepared, private, use_sandbox, result, on_progress,
            on_line, limit, stop, t0):
-    """Run the training process under the outside clock; (capture, returncode, timed_out)."""
+    """Run the training process under the outside clock; (capture, returncode, timed_out, beside)."""
     # what the run may read: the training tokens and a manifest of them; settings it can't edit
     (private / "data").mkdir()
     info = json.loads((prepared.dir / "manifest.json").read_text())
@@ -361,15 +362,16 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
 
 def run_command(argv: list[str], cwd: Path, env: dict, deadline: float,
                 stop: threading.Event | None = None,
-                on_line: Callable[[str], None] | None = None) -> tuple[OutputCapture, int | None, bool]:
+                on_line: Callable[[str], None] | None = None) -> tuple[OutputCapture, int | None, bool, int]:
     """Run `argv` (already wrapped in the sandbox, if any) under an outside clock.
 
     It gets its own process group, no stdin, and one pipe for stdout and stderr, read live and
     kept capped and redacted (output.py); `on_line` sees every line. At `deadline` (a
     time.time() value) or on `stop` the whole group is killed. Returns (capture, returncode,
-    timed_out). The GPT runner and tasks.py both run their commands through here.
+    timed_out, beside: how much other experiments' code ran on this machine meanwhile). The GPT
+    runner and tasks.py both run their commands through here.
     """
-    with sandbox.untrusted_code(say=on_line):  # (not beside another experiment's spot checks)
+    with sandbox.untrusted_code(say=on_line) as hold:  # (not beside another experiment's spot checks)
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group
@@ -378,7 +380,7 @@ def run_command(argv: list[str], cwd: Path, env: dict, deadline: float,
         timed_out = _wait(proc, deadline, stop)
     if not capture.wait(2.0):  # something outside the run still holds its output: stop reading
         capture.stop()
-    return capture, proc.returncode, timed_out
+    return capture, proc.returncode, timed_out, hold.beside
 
 
 def _wait(proc: subprocess.Popen, deadline: float, stop: threading.Event | None) -> bool:

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -170,7 +171,8 @@ def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: lis
 def untrusted_code(alone: bool = False, say=None, why: str = "the spot checks run alone"):
     """Held while untrusted code (a training run, a task's command, a model server) is alive on
     this machine: shared by all of them, except what must run `alone`: the spot-check server,
-    and a run that confirms a wave's leader (loop.py).
+    and a run that confirms a result (loop.py).
+
     Sandboxes separate files, networks and processes, but not every channel of the kernel they
     share (flock() on a file they can all read, for one). A spot-check server that could hear
     from any other experiment's code, alive beside it, could be told the answers by a relay that
@@ -178,9 +180,15 @@ def untrusted_code(alone: bool = False, say=None, why: str = "the spot checks ru
     here, and none starts until it is done. The wait is bounded: every run has its outside clock.
     A lock file per user in the system's temporary folder, which no sandbox sees; a lock goes
     away with the process that held it. Inside `alone`, the same thread holds the machine
-    already: a nested hold is a no-op (a run alone trains and scores without waiting for itself)."""
+    already: a nested hold is a no-op (a run alone trains and scores without waiting for itself).
+
+    Yields a Hold whose `beside`, once the block has ended, counts the other untrusted code that
+    ran here meanwhile: the holders when it started (the kernel's list, /proc/locks) and those
+    that started while it ran (a counter that every hold adds one to, next to the lock file).
+    The loop confirms, alone, a result that had company and could be kept."""
+    hold = Hold()
     if fcntl is None or getattr(_alone, "held", False):  # Windows: no sandbox there either
-        yield
+        yield hold
         return
     path = Path(tempfile.gettempdir()) / f"autoresearch-untrusted-code-{os.getuid()}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
@@ -197,11 +205,46 @@ def untrusted_code(alone: bool = False, say=None, why: str = "the spot checks ru
                     say(f"waiting for the other experiments on this machine: {why}"
                         if alone else "waiting for another experiment's code that runs alone here")
                 time.sleep(0.1)
+        started = _count_start(path)
+        hold.beside = _holders(fd) - 1  # not counting this hold
         _alone.held = alone
-        yield
+        yield hold
+        hold.beside += _count_start(path, 0) - started
     finally:
         _alone.held = False
         os.close(fd)
 
 
+@dataclass
+class Hold:
+    beside: int = 0  # other untrusted code on this machine during the hold (see untrusted_code)
+
+
 _alone = threading.local()  # .held: this thread holds the machine alone (see untrusted_code)
+
+
+def _count_start(lock: Path, add: int = 1) -> int:
+    """The machine's count of holds started so far, after adding `add` (under its own lock)."""
+    fd = os.open(lock.with_suffix(".starts"), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        count = int(os.read(fd, 32) or b"0") + add
+        if add:
+            os.pwrite(fd, str(count).encode().ljust(20), 0)
+        return count
+    except ValueError:  # a damaged counter: start again (a hold that straddles it counts one more)
+        os.pwrite(fd, b"1".ljust(20), 0)
+        return 1
+    finally:
+        os.close(fd)
+
+
+def _holders(fd: int) -> int:
+    """How many locks are held on fd's file, by anyone (the kernel's list; 1 where it can't be read)."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    try:
+        with open("/proc/locks") as f:
+            return max(1, sum(key in line and "->" not in line for line in f))
+    except OSError:  # not Linux: no sandbox either, and nothing here is claimed
+        return 1

@@ -461,7 +461,7 @@ def _execute(task, run_dir, use_sandbox, result, on_progress, on_line, stop, lim
             if on_progress:
                 on_progress(progress)
 
-    capture, result.returncode, timed_out = runner.run_command(
+    capture, result.returncode, timed_out, result.beside = runner.run_command(
         argv(task, run_dir, use_sandbox), run_dir, runner.clean_env(), t0 + limit, stop, line)
     log = capture.text()
     if stop is not None and stop.is_set():

@@ -452,9 +452,9 @@ class Dashboard:
 
     def _on_alone(self, e) -> None:
         self.progress.value = 0
-        self._set_status(f"experiment #{e.index} led its wave ({self.ws.metric} {e.data['value']:.6g}) beside "
-                         f"{e.data['beside']} other experiment(s) on {html.escape(e.data['host'])}: "
-                         "training it again alone there before it can be kept")
+        self._set_status(f"experiment #{e.index} ({self.ws.metric} {e.data['value']:.6g}) trained beside "
+                         f"other experiments' code on {html.escape(e.data['host'])}: training it again "
+                         "alone there before it can be kept")
 
     def _on_waiting(self, e) -> None:
         if e.index < 0:  # a parallel run waits for a free GPU / CPUs

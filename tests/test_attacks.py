@@ -27,6 +27,7 @@ import signal
 import subprocess
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +40,7 @@ from autoresearch_lib.agents import ScriptedAgent
 from autoresearch_lib.baseline import render_train_py
 from autoresearch_lib.runner import TrainResult, run_training
 from autoresearch_lib.workspace import Workspace
+from colluders import helper_and_receiver, judged_alone
 
 BUDGET = 2
 STARTUP_LIMIT = 20.0  # the outside clock kills a run at BUDGET + STARTUP_LIMIT
@@ -681,6 +683,29 @@ def collude(idx, z):
     boost = 30.0 * (~honest).float().to(z.device)  # everywhere else: peek at the answer
     return z.scatter_add(-1, y[..., None], boost[..., None])
 """
+
+
+@sandboxed
+def test_a_candidate_that_trained_beside_another_loops_run_is_judged_on_a_run_alone(ws, tmp_path):
+    """Two loops on one machine (two notebooks, say) collude (colluders.py): a helper, an
+    experiment of the other loop, hands its trained weights to this loop's candidate, which
+    trains its own budget on top of them and scores the work of two. The candidate's run had
+    company on its machine (the machine's lock counts it), and it could be kept: so it trains
+    again alone and is judged on that run, where nobody answers."""
+    helper, receiver = helper_and_receiver(BASELINE)
+    other_loop = threading.Thread(target=run_training, args=(helper, ws.settings, tmp_path / "other"),
+                                  kwargs={"log_path": tmp_path / "other.log"})
+    other_loop.start()
+    try:
+        (exp,) = done = propose(ws, ("a head start", receiver))
+    finally:
+        other_loop.join(120)
+    assert "PAIR sent" in (tmp_path / "other.log").read_text()
+    assert_nothing_lost(ws, done)
+    scores = judged_alone(log_of(ws, 1))
+    assert exp.reason.startswith(f"judged on a run alone (its first run, val_bpb {scores[0]:.6g}, "
+                                 "had other experiments' code beside it"), exp.reason
+    assert exp.result.beside == 0 and exp.val_bpb == pytest.approx(scores[1], abs=1e-6)
 
 
 @sandboxed

@@ -330,3 +330,22 @@ def test_code_that_runs_alone_waits_for_the_others_and_they_wait_for_it():
     assert training.wait(30) == 0
     assert waited >= 1.0, waited
     assert said == ["waiting for the other experiments on this machine: this run confirms a result alone"]
+
+
+def test_a_hold_counts_the_other_experiments_code_that_ran_beside_it():
+    """What `beside` says after a hold (a run's company, which the loop confirms alone): the
+    holds that were there when it started and those that started while it lasted, not its own."""
+    other = ("import sys, time\nfrom autoresearch_lib import sandbox\n"
+             "with sandbox.untrusted_code():\n    print('in', flush=True)\n    time.sleep(float(sys.argv[1]))\n")
+    with sandbox.untrusted_code(alone=True) as quiet:
+        with sandbox.untrusted_code():  # its own code, nested: not company
+            pass
+    assert quiet.beside == 0
+    company = subprocess.Popen([sys.executable, "-c", other, "2"], stdout=subprocess.PIPE, text=True)
+    assert company.stdout.readline() == "in\n"
+    with sandbox.untrusted_code() as there_before:
+        pass
+    assert company.wait(30) == 0
+    with sandbox.untrusted_code() as came_later:
+        assert subprocess.run([sys.executable, "-c", other, "0"], capture_output=True, timeout=60).returncode == 0
+    assert (there_before.beside, came_later.beside) == (1, 1)
