@@ -359,6 +359,16 @@ class _Loop:
                           f"{first.host or socket.gethostname()})" + (f": {exp.reason}" if exp.reason else ""))
         return None if exp is None else self.comparable(t, exp)
 
+    def could_keep(self, t: _Trial, result: TrainResult) -> bool:
+        """Could `result` be kept, whatever the re-runs its decision asks for turn out to be?"""
+        ws = self.ws
+        if not result.ok:
+            return False
+        if self.recheck:
+            guard = _guard(self.recheck, t.rows, self.z, ws.metric)
+            return guard.could_keep(_reference(ws, t.rows, t.best), Measurement.of_result(result, _sign(ws)))
+        return beats(_value(ws, result), t.best[1], ws.direction, self.z * noise_sigma(t.rows, ws.metric))
+
     def comparable(self, t: _Trial, exp: Experiment) -> Experiment:
         """A keep must have beaten a measurement made on the same kind of device (a parallel loop
         on a cluster of mixed GPUs, a workspace resumed on another machine): else a discard."""
@@ -648,16 +658,6 @@ class _Loop:
             done.append(Experiment(ws.next_index(), ws.head(), "", "stopped", reason="stopped by the user"))
             self.emit(Event("stopped", ws.next_index(), {"description": f"wave {number}"}))
         return done
-
-    def could_keep(self, t: _Trial, result: TrainResult) -> bool:
-        """Could `result` be kept, whatever the re-runs its decision asks for turn out to be?"""
-        ws = self.ws
-        if not result.ok:
-            return False
-        if self.recheck:
-            guard = _guard(self.recheck, t.rows, self.z, ws.metric)
-            return guard.could_keep(_reference(ws, t.rows, t.best), Measurement.of_result(result, _sign(ws)))
-        return beats(_value(ws, result), t.best[1], ws.direction, self.z * noise_sigma(t.rows, ws.metric))
 
     def propose_wave(self, rows, best, number: int, size: int) -> tuple[list[Experiment], list[_Trial]]:
         """Ask the agent for `size` distinct candidates, none a repeat of one tried before; each

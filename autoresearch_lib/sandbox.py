@@ -167,6 +167,11 @@ def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: lis
     return cmd + ["--remount-ro", "/", "--chdir", str(cwd), "--", *argv]
 
 
+@dataclass
+class Hold:
+    beside: int = 0  # other untrusted code on this machine during the hold (see untrusted_code)
+
+
 @contextlib.contextmanager
 def untrusted_code(alone: bool = False, say=None, why: str = "the spot checks run alone"):
     """Held while untrusted code (a training run, a task's command, a model server) is alive on
@@ -213,11 +218,6 @@ def untrusted_code(alone: bool = False, say=None, why: str = "the spot checks ru
     finally:
         _alone.held = False
         os.close(fd)
-
-
-@dataclass
-class Hold:
-    beside: int = 0  # other untrusted code on this machine during the hold (see untrusted_code)
 
 
 _alone = threading.local()  # .held: this thread holds the machine alone (see untrusted_code)

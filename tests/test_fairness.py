@@ -70,7 +70,7 @@ def test_a_small_loss_on_a_busier_machine_is_rechecked_a_big_one_and_a_clear_win
 
 
 def test_could_keep_is_false_only_for_a_candidate_that_loses_whatever_is_run_again():
-    """A wave's leader is trained again alone only if it could still be kept (loop.py)."""
+    """A run that had company is trained again alone only if it could still be kept (loop.py)."""
     g, ref = Guard(), m(2.0, tps=1000)
     assert g.could_keep(ref, m(1.9))  # a clear win: kept without a re-check
     assert g.could_keep(ref, m(2.0 * (1 + MARGIN), tps=1000 * (1 - 2 * SPEED)))  # a busier machine may hide a win

@@ -309,8 +309,8 @@ def test_a_new_workspaces_train_py_is_recognised_as_the_kits_own_code(tmp_path):
 
 
 def test_code_that_runs_alone_waits_for_the_others_and_they_wait_for_it():
-    """The machine's lock (sandbox.untrusted_code): what runs alone (a spot-check server, a wave's
-    leader confirmed) starts only once the other experiments' code here has ended, nothing else
+    """The machine's lock (sandbox.untrusted_code): what runs alone (a spot-check server, a result
+    confirmed) starts only once the other experiments' code here has ended, nothing else
     untrusted starts while it runs, and what it runs itself (its training, its model servers)
     does not wait for it."""
     other = ("import sys, time\nfrom autoresearch_lib import sandbox\n"
