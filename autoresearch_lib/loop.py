@@ -342,13 +342,11 @@ class _Loop:
         sandboxes on one kernel can still talk (sandbox.py). One could have trained a model and
         handed it over, and this one would score the work of two budgets. So it trains once
         more, alone on its machine (runner.run_training's `alone`), and is judged on that run."""
-        first = result
+        first, where = result, result.host or socket.gethostname()
         if first.beside and self.could_keep(t, first):
             self.emit(Event("alone", t.index, {"commit": t.commit, "beside": first.beside,
-                                               "host": first.host or socket.gethostname(),
-                                               "value": _value(self.ws, first)}))
-            result = self.train(t.index, commit=t.commit if t.wave is not None else None,
-                                again=True, alone=True)
+                                               "host": where, "value": _value(self.ws, first)}))
+            result = self.train_again(t, alone=True)
             if result.status == "stopped":
                 return None
         exp = self.decide_fairly(t, result) if self.recheck else self.upstream_rule(t, result)
@@ -356,7 +354,7 @@ class _Loop:
             exp.extra_runs += 1
             exp.reason = (f"judged on a run alone (its first run, {self.ws.metric} "
                           f"{_value(self.ws, first):.6g}, had other experiments' code beside it on "
-                          f"{first.host or socket.gethostname()})" + (f": {exp.reason}" if exp.reason else ""))
+                          f"{where})" + (f": {exp.reason}" if exp.reason else ""))
         return None if exp is None else self.comparable(t, exp)
 
     def could_keep(self, t: _Trial, result: TrainResult) -> bool:
@@ -392,10 +390,9 @@ class _Loop:
         sigma, direction = noise_sigma(t.rows, ws.metric), ws.direction
         val = _value(ws, result)
         if result.ok and sigma and beats(val, best[1], direction, self.z * sigma):  # confirm a win once
-            commit = t.commit if t.wave is not None else None
-            again = self.train(t.index, commit=commit, again=True)
+            again = self.train_again(t)
             if again.ok and again.beside:  # averaged in: not a run that had company (see judge)
-                again = self.train(t.index, commit=commit, again=True, alone=True)
+                again = self.train_again(t, alone=True)
             if again.status == "stopped":
                 return None
             # a crash of the re-run is the experiment's crash (not a discard with val_bpb inf)
@@ -447,7 +444,7 @@ class _Loop:
         for a task `run_task(task, files, ...)`, unless the loop has an executor.
 
         again: the same row's second run; its log goes after the first one's in logs/NNNN.log.
-        alone: nothing else untrusted runs on its machine meanwhile (a wave's leader, confirmed).
+        alone: nothing else untrusted runs on its machine meanwhile (a result that had company).
         """
         ws = self.ws
         files = ws.files() if commit is None else {name: ws.show(commit, name) for name in ws.editable}
@@ -462,6 +459,12 @@ class _Loop:
                           **({"alone": True} if alone else {}))
         self.finish_log(index, result, first_log, "trained again, alone on its machine" if alone else "trained again")
         return result
+
+    def train_again(self, t: _Trial, alone: bool = False) -> TrainResult:
+        """t's candidate once more, as its own row (a wave's candidate is not on the branch: its
+        commit); see train for `alone`."""
+        return self.train(t.index, commit=t.commit if t.wave is not None else None, again=True,
+                          alone=alone)
 
     def finish_log(self, index: int, result: TrainResult, first_log: str | None = None,
                    heading: str = "trained again") -> None:
@@ -504,7 +507,7 @@ class _Loop:
                                                  "headline": _headline(why, t.rows, t.best)}))
                 again = self.train(row, commit=t.best[0])
             else:  # the pair saw two machines: the candidate again, as the same row
-                again = self.train(t.index, commit=t.commit if t.wave is not None else None, again=True)
+                again = self.train_again(t)
             if again.status == "stopped":
                 return None
             runs[what][0].append(again)

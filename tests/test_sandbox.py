@@ -308,22 +308,28 @@ def test_a_new_workspaces_train_py_is_recognised_as_the_kits_own_code(tmp_path):
     assert ws.train_py.replace("MATRIX_LR = ", "MATRIX_LR = 1.01 * ") not in runner._baseline_scripts()
 
 
+HOLDER = ("import sys, time\nfrom autoresearch_lib import sandbox\n"
+          "with sandbox.untrusted_code():\n    print('in', flush=True)\n    time.sleep(float(sys.argv[1]))\n")
+
+
+def holding(seconds: float) -> subprocess.Popen:
+    """Another experiment's code: a process that holds the machine's lock, shared, for `seconds`."""
+    return subprocess.Popen([sys.executable, "-c", HOLDER, str(seconds)], stdout=subprocess.PIPE, text=True)
+
+
 def test_code_that_runs_alone_waits_for_the_others_and_they_wait_for_it():
     """The machine's lock (sandbox.untrusted_code): what runs alone (a spot-check server, a result
     confirmed) starts only once the other experiments' code here has ended, nothing else
     untrusted starts while it runs, and what it runs itself (its training, its model servers)
     does not wait for it."""
-    other = ("import sys, time\nfrom autoresearch_lib import sandbox\n"
-             "with sandbox.untrusted_code(alone=sys.argv[1] == 'alone'):\n"
-             "    print('in', flush=True)\n    time.sleep(float(sys.argv[2]))\n")
-    training = subprocess.Popen([sys.executable, "-c", other, "shared", "1.5"], stdout=subprocess.PIPE, text=True)
+    training = holding(1.5)
     assert training.stdout.readline() == "in\n"  # another experiment's run holds the machine, shared
     said, t0 = [], time.time()
     with sandbox.untrusted_code(alone=True, say=said.append, why="this run confirms a result alone"):
         waited = time.time() - t0
         with sandbox.untrusted_code(), sandbox.untrusted_code(alone=True):  # its own code: no wait
             pass
-        late = subprocess.Popen([sys.executable, "-c", other, "shared", "0"], stdout=subprocess.PIPE, text=True)
+        late = holding(0)
         time.sleep(1.0)
         assert late.poll() is None  # a new run waits for it
     assert late.stdout.readline() == "in\n" and late.wait(30) == 0
@@ -335,17 +341,15 @@ def test_code_that_runs_alone_waits_for_the_others_and_they_wait_for_it():
 def test_a_hold_counts_the_other_experiments_code_that_ran_beside_it():
     """What `beside` says after a hold (a run's company, which the loop confirms alone): the
     holds that were there when it started and those that started while it lasted, not its own."""
-    other = ("import sys, time\nfrom autoresearch_lib import sandbox\n"
-             "with sandbox.untrusted_code():\n    print('in', flush=True)\n    time.sleep(float(sys.argv[1]))\n")
     with sandbox.untrusted_code(alone=True) as quiet:
         with sandbox.untrusted_code():  # its own code, nested: not company
             pass
     assert quiet.beside == 0
-    company = subprocess.Popen([sys.executable, "-c", other, "2"], stdout=subprocess.PIPE, text=True)
+    company = holding(2)
     assert company.stdout.readline() == "in\n"
     with sandbox.untrusted_code() as there_before:
         pass
     assert company.wait(30) == 0
     with sandbox.untrusted_code() as came_later:
-        assert subprocess.run([sys.executable, "-c", other, "0"], capture_output=True, timeout=60).returncode == 0
+        assert holding(0).wait(60) == 0
     assert (there_before.beside, came_later.beside) == (1, 1)
