@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from . import sandbox
 from .config import Settings
 from .records import write_atomic
 from .redact import is_secret_name
@@ -104,8 +103,7 @@ def run_remote(tag: int, first, second, fixed: dict | None, env: dict, mailbox,
     os.environ.update(env)
     here = where()
     mailbox.post.remote((tag, "started", here))
-    scratch = Path(tempfile.mkdtemp(prefix="autoresearch-ray-"))
-    try:
+    with sandbox.private_folder("ray") as scratch:
         if isinstance(first, Task):
             first = _task_on_this_node(first, fixed or {}, scratch)
         run = run_task if isinstance(first, Task) else run_training
@@ -114,8 +112,6 @@ def run_remote(tag: int, first, second, fixed: dict | None, env: dict, mailbox,
                      on_line=lambda line: mailbox.post.remote((tag, "line", line)),
                      log_path=scratch / "run.log", alone=alone)
         text = (scratch / "run.log").read_text(errors="replace") if (scratch / "run.log").exists() else ""
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     result.run_dir = result.log_path = ""  # they were on the worker, and are gone
     return result, text, here
 

@@ -21,11 +21,9 @@ import functools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -244,21 +242,19 @@ def run_training(script_text: str, settings: Settings, run_dir: str | Path,
     (run_dir / "train.py").write_text(script_text, encoding="utf-8")
     prepared = data.prepare(settings, verbose=False)  # here, once: the run itself only reads
     fingerprint = prepared.fingerprint()  # checked again after the run
-    private = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
-    try:
-        capture, returncode, timed_out, result.beside = _train(
-            script_text, settings, run_dir, prepared, private, use_sandbox, result, on_progress,
-            on_line, timeout or default_timeout(settings), stop, t0)
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
-    log = capture.text()
+    with sandbox.private_folder("run") as private:
+        ran = _train(script_text, settings, run_dir, prepared, private, use_sandbox, result,
+                     on_progress, on_line, timeout or default_timeout(settings), stop, t0)
+    log = ran.capture.text()
     summary = parse_summary(log)
-    result.returncode = returncode
+    result.returncode, result.beside = ran.returncode, ran.beside
     if stop is not None and stop.is_set():
         result.status, result.reason = "stopped", "stopped by the user"
+    elif ran.over_disk:
+        result.status, result.reason = "crash", over_disk(ran.over_disk, run_dir, say)
     else:
-        result.status, result.reason = classify(log, returncode, summary, timed_out)
-        if timed_out:
+        result.status, result.reason = classify(log, ran.returncode, summary, ran.timed_out)
+        if ran.timed_out:
             say(f"timeout: the run was still going after {time.time() - t0:.0f}s, the limit for a "
                 f"{settings.budget:g}s budget (start-up allowance included), so it was killed")
     _fill(result, summary)
@@ -311,12 +307,22 @@ def write_log(result: TrainResult, output: str, said: list[str], log_path: Path)
         result.error_tail = "\n".join(text.strip().splitlines()[-30:])
 
 
+def over_disk(why: str, run_dir: Path, say) -> str:
+    """A run stopped for writing more than its share of the disk (sandbox.disk_watch): what it
+    wrote is deleted at once (its log is written after), so the disk is free again for the
+    loop's records and the next run; the reason results.tsv records."""
+    sandbox.remove(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say(f"disk: {why}. It was stopped, and what it wrote was deleted.")
+    return failure("disk", why)
+
+
 def fresh_dir(run_dir: Path) -> Path:
     """An empty run folder: what an earlier attempt left there moves to NAME.prev, so nothing
     a run wrote (weights, say) is ever in the next run's view."""
     if run_dir.exists() and any(run_dir.iterdir()):
         previous = run_dir.with_name(run_dir.name + ".prev")
-        shutil.rmtree(previous, ignore_errors=True)
+        sandbox.remove(previous)
         run_dir.rename(previous)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -324,7 +330,7 @@ def fresh_dir(run_dir: Path) -> Path:
 
 def _train(script_text, settings, run_dir, prepared, private, use_sandbox, result, on_progress,
            on_line, limit, stop, t0):
-    """Run the training process under the outside clock; (capture, returncode, timed_out, beside)."""
+    """Run the training process under the outside clock (run_command's Ran)."""
     # what the run may read: the training tokens and a manifest of them; settings it can't edit
     (private / "data").mkdir()
     info = json.loads((prepared.dir / "manifest.json").read_text())
@@ -337,11 +343,12 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
                      "AUTORESEARCH_T0": repr(t0), "AUTORESEARCH_RUNNER": "1"})
     argv = [sys.executable, "-m", "autoresearch_lib.launch", "train.py"]
     caches = _compile_cache(env, script_text, private)
+    tmp = temporary_folder(private, env, use_sandbox)
     if use_sandbox:
         files = {f"{inside}/settings.json": private / "settings.json",
                  f"{inside}/data/manifest.json": private / "data" / "manifest.json",
                  **{f"{inside}/data/{name}": prepared.dir / name for name in data.TRAINING_FILES}}
-        argv = sandbox.command(argv, cwd=run_dir, writable=[run_dir] + caches, files=files)
+        argv = sandbox.command(argv, cwd=run_dir, writable=[run_dir] + caches, files=files, tmp=tmp)
     else:
         for name in data.TRAINING_FILES:
             os.symlink(prepared.dir / name, private / "data" / name)
@@ -357,21 +364,44 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
             if on_progress:
                 on_progress(progress)
 
-    return run_command(argv, run_dir, env, t0 + limit, stop, line)
+    return run_command(argv, run_dir, env, t0 + limit, stop, line, writes=[run_dir, private, *caches])
+
+
+def temporary_folder(private: Path, env: dict, use_sandbox: bool) -> Path:
+    """The run's /tmp: a folder on disk in its private folder (sandbox.command), watched with the
+    rest of what it writes; unsandboxed runs get it as TMPDIR."""
+    tmp = private / "tmp"
+    tmp.mkdir()
+    if not use_sandbox:
+        env["TMPDIR"] = str(tmp)
+    return tmp
+
+
+@dataclass
+class Ran:
+    """How a command that run_command ran ended."""
+
+    capture: OutputCapture  # its output
+    returncode: int | None
+    timed_out: bool  # killed at the deadline
+    over_disk: str  # killed for writing more than its share of the disk: why ('' if not)
+    beside: int  # how much other experiments' code ran on this machine meanwhile
 
 
 def run_command(argv: list[str], cwd: Path, env: dict, deadline: float,
                 stop: threading.Event | None = None,
-                on_line: Callable[[str], None] | None = None) -> tuple[OutputCapture, int | None, bool, int]:
+                on_line: Callable[[str], None] | None = None, writes: list[Path] = ()) -> Ran:
     """Run `argv` (already wrapped in the sandbox, if any) under an outside clock.
 
     It gets its own process group, no stdin, and one pipe for stdout and stderr, read live and
     kept capped and redacted (output.py); `on_line` sees every line. At `deadline` (a
-    time.time() value) or on `stop` the whole group is killed. Returns (capture, returncode,
-    timed_out, beside: how much other experiments' code ran on this machine meanwhile). The GPT
-    runner and tasks.py both run their commands through here.
+    time.time() value), on `stop`, or once it has written more than its share of the disk into
+    the folders `writes` (sandbox.disk_watch), the whole group is killed. The GPT runner and
+    tasks.py both run their commands through here.
     """
-    with sandbox.untrusted_code(say=on_line) as hold:  # (not beside another experiment's spot checks)
+    proc = None
+    with (sandbox.untrusted_code(say=on_line) as hold,  # (not beside another experiment's spot checks)
+          sandbox.disk_watch([cwd, *writes], lambda: proc and kill_group(proc)) as disk):
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group
@@ -380,7 +410,7 @@ def run_command(argv: list[str], cwd: Path, env: dict, deadline: float,
         timed_out = _wait(proc, deadline, stop)
     if not capture.wait(2.0):  # something outside the run still holds its output: stop reading
         capture.stop()
-    return capture, proc.returncode, timed_out, hold.beside
+    return Ran(capture, proc.returncode, timed_out and not disk.over, disk.over, hold.beside)
 
 
 def _wait(proc: subprocess.Popen, deadline: float, stop: threading.Event | None) -> bool:
@@ -461,7 +491,7 @@ def _score(result, script_text, settings, prepared, run_dir, use_sandbox, say) -
         scored = scoring.score(script_text, run_dir / MODEL_FILE, settings, prepared, use_sandbox,
                                server_lines, timeout=120 + settings.budget, say=say)
     except scoring.ScoringError as e:
-        result.status, result.reason = "crash", failure(e.code, str(e) if e.code == "eval_failed" else "")
+        result.status, result.reason = "crash", failure(e.code, str(e) if e.code in ("eval_failed", "disk") else "")
         for line in [*server_lines[-20:], f"scoring failed: {e}"]:
             say(line)
         return

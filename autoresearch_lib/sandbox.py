@@ -5,7 +5,9 @@ starts it (and later the model servers that score it) inside bubblewrap (`bwrap`
 `bubblewrap` package), which builds a private view of the file system from Linux namespaces:
 
     read-only   the Python installation, the kit's own package, the training token files
-    read-write  the run's own folder, and a private /tmp
+    read-write  the run's own folder, and a private /tmp (a folder on disk that the runner gives:
+                not memory, which a run could fill past what the kernel's OOM killer can
+                blame on it), up to its share of the disk (disk_watch)
     hidden      the workspace and its .git, results.tsv, the validation tokens, your home
                 folder, other processes (its own PID namespace: not even the loop's /proc)
     cut off     the network (its own network namespace), the terminal (a new session)
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import math
 import os
 import shutil
 import site
@@ -34,6 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 try:
     import fcntl
@@ -140,11 +145,14 @@ def gpu_devices() -> list[str]:
 
 
 def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: list[Path] = (),
-            files: dict[str, Path] | None = None) -> list[str]:
+            files: dict[str, Path] | None = None, tmp: Path | None = None) -> list[str]:
     """`argv` wrapped in bwrap: `writable` and `readable` folders at their own paths, `files`
-    (sandbox path -> real path) read-only, everything else as the module docstring says."""
+    (sandbox path -> real path) read-only, the folder `tmp` as /tmp (the runs' and model servers'
+    own, watched by disk_watch; without it an empty in-memory /tmp), everything else as the
+    module docstring says."""
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-           "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--ro-bind", "/usr", "/usr"]
+           "--proc", "/proc", "--dev", "/dev", *(["--bind", str(tmp), "/tmp"] if tmp else ["--tmpfs", "/tmp"]),
+           "--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             cmd += ["--symlink", os.readlink(top), top]
@@ -167,6 +175,164 @@ def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: lis
     return cmd + ["--remount-ro", "/", "--chdir", str(cwd), "--", *argv]
 
 
+DISK_ENV = "AUTORESEARCH_RUN_DISK_GB"
+
+
+@dataclass
+class DiskWatch:
+    over: str = ""  # how the watched code went over its share of the disk ('' while it has not)
+
+
+def disk_share(folder: Path) -> int:
+    """Bytes one run (or model server) may write: AUTORESEARCH_RUN_DISK_GB, else a quarter of
+    what is free now on `folder`'s disk."""
+    value = os.environ.get(DISK_ENV, "").strip()
+    if not value:
+        return shutil.disk_usage(folder).free // 4
+    try:
+        share = float(value)
+    except ValueError:
+        share = math.nan
+    if not share > 0:  # (nan, inf and negatives too)
+        raise SandboxError(f"{DISK_ENV}={value!r} is not a number of gigabytes above 0 (say 20): it "
+                           "is the most disk space a run may fill. Fix it, or unset it for a quarter "
+                           "of the free space.")
+    return int(min(share, 2**40) * 2**30)
+
+
+@contextlib.contextmanager
+def disk_watch(folders: list[Path], kill: Callable[[], None], every: float = 0.5):
+    """While the block runs, untrusted code may write at most its share of the disk (disk_share)
+    into `folders`, the ones it can write to (its run folder, its /tmp, its compile cache), so
+    that the loop can always write its records. A thread looks every `every` seconds (less often
+    if looking takes long: it spends at most a fifth of its time looking); once the share is
+    passed, it calls `kill()` and says what happened in the DiskWatch it yields.
+
+    Two measures, either one stops it: what the folders hold more than at the start (each file
+    once, by the blocks it really uses, at least 4 KiB: a million empty files count), and how
+    much free space their disks lost, which also sees what no walk finds (a deleted file that
+    is kept open and written on). The second counts other programs' writes too, so with the
+    default share it trips only when a quarter of the free space went during one run: something
+    is filling the disk, and the run had better stop. So do a quarter of the disks' free inodes
+    (files)."""
+    folders = [Path(f) for f in folders]
+    watch, done = DiskWatch(), threading.Event()
+    share = disk_share(folders[0])
+    disks = {os.stat(f).st_dev: f for f in folders}  # one folder per disk, for its free space
+    start = {disk: os.statvfs(f) for disk, f in disks.items()}
+    held = _bytes_in(folders)
+
+    def over() -> str:
+        wrote = _bytes_in(folders) - held
+        for disk, f in disks.items():
+            now, then = os.statvfs(f), start[disk]
+            wrote = max(wrote, (then.f_bavail - now.f_bavail) * now.f_frsize)
+            if then.f_favail - now.f_favail > then.f_favail // 4 > 0:
+                return (f"{then.f_favail - now.f_favail:,} files made, more than the quarter of "
+                        f"the free inodes on its disk ({then.f_favail:,}) that a run may use")
+        if wrote > share:
+            where = (f"the {DISK_ENV} setting" if os.environ.get(DISK_ENV, "").strip()
+                     else f"a quarter of the free space on its disk; set {DISK_ENV} to allow more")
+            return f"{wrote / 2**30:.2f} GB written, more than the {share / 2**30:.2f} GB a run may write here ({where})"
+        return ""
+
+    def look() -> None:
+        pause = every
+        while not done.wait(pause):
+            t0 = time.monotonic()
+            watch.over = over()
+            if watch.over:
+                kill()
+                return
+            pause = max(every, 4 * (time.monotonic() - t0))
+
+    thread = threading.Thread(target=look, name="disk watch", daemon=True)
+    thread.start()
+    try:
+        yield watch
+    finally:
+        done.set()
+        thread.join()
+
+
+PRIVATE = "autoresearch-private-"
+
+
+@contextlib.contextmanager
+def private_folder(kind: str):
+    """A new folder in the system's temporary folder for one run's (or model server's) files
+    outside its run folder: its /tmp, its settings, a copy of its model. Deleted when the block
+    ends. A process killed before then (a notebook kernel restarted mid-run) leaves it behind,
+    so while it is in use it is locked (flock on the folder itself), and each new one first
+    deletes the unlocked ones that are over a minute old."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(PRIVATE + "*"):
+        with contextlib.suppress(OSError):
+            st = old.lstat()
+            if st.st_uid == os.getuid() and time.time() - st.st_mtime > 60 and not _in_use(old):
+                remove(old)
+    folder = Path(tempfile.mkdtemp(prefix=f"{PRIVATE}{kind}-"))
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if fcntl:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        remove(folder)
+        os.close(fd)
+
+
+def _in_use(folder: Path) -> bool:
+    if fcntl is None or folder.is_symlink():
+        return True
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove(folder: Path) -> None:
+    """Delete a folder that untrusted code wrote to, whatever modes it gave the folders in it
+    (one it made unreadable would otherwise stay, with all it holds)."""
+    with contextlib.suppress(OSError):
+        os.chmod(folder, 0o700)
+    for root, folders, _ in os.walk(folder):  # each opened for deleting before it is listed
+        for name in folders:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o700)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bytes_in(folders: list[Path]) -> int:
+    """The disk space the files under `folders` use (links not followed, hard links once)."""
+    total, seen, todo = 0, set(), [str(f) for f in folders]
+    while todo:
+        try:
+            entries = list(os.scandir(todo.pop()))
+        except OSError:  # gone, or not a folder any more
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += max(4096, getattr(st, "st_blocks", 0) * 512 or st.st_size)
+            if entry.is_dir(follow_symlinks=False):
+                todo.append(entry.path)
+    return total
+
+
 @dataclass
 class Hold:
     beside: int = 0  # other untrusted code on this machine during the hold (see untrusted_code)
@@ -182,7 +348,8 @@ def untrusted_code(alone: bool = False, say=None, why: str = "the spot checks ru
     share (flock() on a file they can all read, for one). A spot-check server that could hear
     from any other experiment's code, alive beside it, could be told the answers by a relay that
     heard them from its own scorer (scoring.py). So it waits until no other untrusted code runs
-    here, and none starts until it is done. The wait is bounded: every run has its outside clock.
+    here, and none starts until it is done (nor after it began to wait: new runs queue behind
+    it). The wait is bounded: every run has its outside clock.
     A lock file per user in the system's temporary folder, which no sandbox sees; a lock goes
     away with the process that held it. Inside `alone`, the same thread holds the machine
     already: a nested hold is a no-op (a run alone trains and scores without waiting for itself).
@@ -196,20 +363,23 @@ def untrusted_code(alone: bool = False, say=None, why: str = "the spot checks ru
         yield hold
         return
     path = Path(tempfile.gettempdir()) / f"autoresearch-untrusted-code-{os.getuid()}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    fd, turn = (os.open(p, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                for p in (path, path.with_suffix(".turn")))
+    said = []
+
+    def waiting() -> None:
+        if say and not said:
+            said.append(True)
+            say(f"waiting for the other experiments on this machine: {why}" if alone
+                else "waiting for another experiment's code that runs alone here")
+
     try:
-        mode = fcntl.LOCK_EX if alone else fcntl.LOCK_SH
-        said = False
-        while True:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if say and not said:
-                    said = True
-                    say(f"waiting for the other experiments on this machine: {why}"
-                        if alone else "waiting for another experiment's code that runs alone here")
-                time.sleep(0.1)
+        # a turnstile first, as flock() does not queue: what runs alone holds it while it waits
+        # for the machine, so a stream of new runs cannot keep it waiting for ever; the others
+        # only pass through it
+        _take(turn, fcntl.LOCK_EX, waiting)
+        _take(fd, fcntl.LOCK_EX if alone else fcntl.LOCK_SH, waiting)
+        fcntl.flock(turn, fcntl.LOCK_UN)
         started = _count_start(path)
         hold.beside = _holders(fd) - 1  # not counting this hold
         _alone.held = alone
@@ -218,6 +388,20 @@ def untrusted_code(alone: bool = False, say=None, why: str = "the spot checks ru
     finally:
         _alone.held = False
         os.close(fd)
+        os.close(turn)
+
+
+def _take(fd: int, mode: int, waiting: Callable[[], None]) -> None:
+    """flock(fd, mode), calling `waiting` if it has to wait (longer than another run takes to
+    pass through the turnstile)."""
+    for attempt in itertools.count():
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt:
+                waiting()
+            time.sleep(0.1)
 
 
 _alone = threading.local()  # .held: this thread holds the machine alone (see untrusted_code)

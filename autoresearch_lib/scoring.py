@@ -36,7 +36,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,13 +92,10 @@ def safe_copy(src: Path, dst: Path) -> None:
 @contextlib.contextmanager
 def model_folder(train_py: str, checkpoint: Path):
     """A private folder with the model's source and a safe copy of its weights, for the servers."""
-    folder = Path(tempfile.mkdtemp(prefix="autoresearch-eval-"))
-    try:
+    with sandbox.private_folder("model") as folder:
         safe_copy(Path(checkpoint), folder / "model.pt")
         (folder / "train.py").write_text(train_py, encoding="utf-8")
         yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 class ModelServer:
@@ -112,19 +108,24 @@ class ModelServer:
         env = sandbox.environment({"PYTHONPATH": str(sandbox.package_dir().parent),
                                    "PYTHONUNBUFFERED": "1", "HOME": "/tmp",
                                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
-        self.cache = private_compile_cache()
-        if self.cache:
-            env.update(compile_cache_env(self.cache))
-        if use_sandbox:
-            argv = sandbox.command(argv, cwd=folder, readable=[folder], writable=[self.cache] if self.cache else [])
-        self.deadline, self.name = deadline, name
+        self.deadline, self.name, self.proc = deadline, name, None
+        self.watching = contextlib.ExitStack()  # its private folders and their disk watch
         try:
+            self.tmp = self.watching.enter_context(sandbox.private_folder("server"))  # its own /tmp
+            self.cache = private_compile_cache(self.watching)
+            writes = [self.tmp, *([self.cache] if self.cache else [])]
+            if self.cache:
+                env.update(compile_cache_env(self.cache))
+            if use_sandbox:
+                argv = sandbox.command(argv, cwd=folder, readable=[folder], writable=writes[1:], tmp=self.tmp)
+            else:
+                env["TMPDIR"] = str(self.tmp)
+            self.disk = self.watching.enter_context(sandbox.disk_watch(writes, self.kill))
             self.proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          start_new_session=True)
-        except OSError:
-            if self.cache:
-                shutil.rmtree(self.cache, ignore_errors=True)
+        except BaseException:
+            self.watching.close()
             raise
         self.stderr = OutputCapture(os.dup(self.proc.stderr.fileno()), head=1 << 16, tail=1 << 16,
                                     on_line=lambda line: log_lines.append(f"[{name}] {line}"))
@@ -150,6 +151,9 @@ class ModelServer:
         lines = [ln.strip() for ln in self.stderr.text().splitlines() if ln.strip()]
         errors = [ln for ln in lines if re.match(r"[\w.]*(Error|Exception)\b", ln)]
         tail = errors[-1:] or lines[-1:] or [""]
+        if self.disk.over:
+            return ScoringError("disk", f"the {self.name} model server: {self.disk.over}; it was "
+                                "stopped, and what it wrote was deleted")
         if time.time() >= self.deadline:
             return ScoringError("timeout", f"evaluation took too long ({what})")
         return ScoringError("eval_failed", f"the model failed during evaluation ({what}): "
@@ -212,30 +216,31 @@ class ModelServer:
             finally:
                 self.close()
 
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, AttributeError):  # (AttributeError: not started)
+            os.killpg(self.proc.pid, 9)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        try:
-            os.killpg(self.proc.pid, 9)
-        except ProcessLookupError:
-            pass
+        self.kill()
         self.proc.wait()
+        self.watching.close()  # (the disk watch ends, then both folders go)
         self.stderr.stop()
-        if self.cache:
-            shutil.rmtree(self.cache, ignore_errors=True)
 
 
-def private_compile_cache() -> Path | None:
+def private_compile_cache(folders: contextlib.ExitStack) -> Path | None:
     """On a GPU machine, a model server's own throwaway copy of the trusted compile cache, so
     the kernels the kit's baseline runs compiled (FlashAttention 4's: seconds each) load instead
     of compiling again in every server of every experiment. Only the kit's runs write the trusted
     cache; each server gets a separate copy, which the other cannot see (no channel between
-    them) and which goes away with it (nothing reaches a later run). None elsewhere."""
+    them) and which goes away with it, when `folders` closes (nothing reaches a later run).
+    None elsewhere."""
     trusted = trusted_compile_cache()
     if not sandbox.gpu_devices() or not trusted.is_dir():
         return None
-    folder = Path(tempfile.mkdtemp(prefix="autoresearch-eval-cache-"))
+    folder = folders.enter_context(sandbox.private_folder("server-cache"))
     copy_compile_cache(trusted, folder)
     return folder
 

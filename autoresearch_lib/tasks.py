@@ -437,7 +437,7 @@ def _stage(task: Task, files: dict[str, str], run_dir: Path) -> None:
         target.write_text(text, encoding="utf-8")
 
 
-def argv(task: Task, run_dir: Path, use_sandbox: bool) -> list[str]:
+def argv(task: Task, run_dir: Path, use_sandbox: bool, tmp: Path | None = None) -> list[str]:
     """The command line of a run: the task's words (no shell; `python` is this Python), started
     by the launcher (launch.py), inside the sandbox where there is one."""
     words = shlex.split(task.command)
@@ -445,7 +445,7 @@ def argv(task: Task, run_dir: Path, use_sandbox: bool) -> list[str]:
         words[0] = sys.executable
     command = [sys.executable, "-m", "autoresearch_lib.launch", "--", *words]
     if use_sandbox:  # writable: the run folder only; readable: Python and the kit
-        command = sandbox.command(command, cwd=run_dir, writable=[run_dir])
+        command = sandbox.command(command, cwd=run_dir, writable=[run_dir], tmp=tmp)
     return command
 
 
@@ -461,12 +461,18 @@ def _execute(task, run_dir, use_sandbox, result, on_progress, on_line, stop, lim
             if on_progress:
                 on_progress(progress)
 
-    capture, result.returncode, timed_out, result.beside = runner.run_command(
-        argv(task, run_dir, use_sandbox), run_dir, runner.clean_env(), t0 + limit, stop, line)
-    log = capture.text()
+    env = runner.clean_env()
+    with sandbox.private_folder("task") as private:
+        tmp = runner.temporary_folder(private, env, use_sandbox)
+        ran = runner.run_command(argv(task, run_dir, use_sandbox, tmp), run_dir, env, t0 + limit,
+                                 stop, line, writes=[tmp])
+    log = ran.capture.text()
+    result.returncode, result.beside = ran.returncode, ran.beside
     if stop is not None and stop.is_set():
         result.status, result.reason = "stopped", "stopped by the user"
-    elif timed_out:
+    elif ran.over_disk:
+        result.reason = runner.over_disk(ran.over_disk, run_dir, say)
+    elif ran.timed_out:
         result.reason = "timeout"
         say(f"timeout: the command was still running after {limit:g}s, the task's limit, so it "
             "was killed")

@@ -43,7 +43,7 @@ def main():
     use_sandbox = sandbox.mode() == "bwrap"
     for repeat in range(a.repeats):
         for cached in (False, True):
-            scoring.private_compile_cache = with_cache if cached else (lambda: None)
+            scoring.private_compile_cache = with_cache if cached else (lambda folders: None)
             t0 = time.time()
             scored = scoring.score(script, Path(result.run_dir) / MODEL_FILE, settings, prepared, use_sandbox, [],
                                    timeout=600)

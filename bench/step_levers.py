@@ -1,7 +1,8 @@
 """Levers on a training step of the h100 preset, applied to a loaded train.py module so that
 bench/profile_gpu.py --lever NAME can time each against the unedited script in one call.
-All were measured on an H200 and none was kept (docs/benchmarks.md, fifth session): none made a
-step faster by more than noise, and some made it slower. They stay here, runnable, as the record.
+All were measured on an H200 and none was kept (docs/benchmarks.md, fifth, sixth and eighth
+sessions): none made a step faster by more than noise, and some made it slower (nd-tiling and
+tile-reductions were not reached). They stay here, runnable, as the record.
 
     qkv         q, k and v from one matmul with the three weights concatenated (the same
                 three parameters, so the optimizer sees the same matrices)
@@ -13,6 +14,14 @@ step faster by more than noise, and some made it slower. They stay here, runnabl
                 kernels' block sizes: slower compilation, possibly faster kernels
     fast-math   Inductor's use_fast_math (flush-to-zero exp in its kernels)
     two-pass-lse  the loss's log-sum-exp in two passes instead of Inductor's online softmax
+    combo-kernels      Inductor's horizontal fusion of independent kernels into one launch
+    aggressive-fusion  Inductor fuses nodes even when they share no memory accesses
+    multi-kernel       Inductor picks, per reduction, between its persistent and looped kernels by timing both
+    nd-tiling          Inductor tiles element-wise kernels in 2-D (prefer_nd_tiling)
+    tile-reductions    Inductor tiles reductions in 2-D too
+    tma-gemm    the matmuls through Inductor's Triton templates as well as cuBLAS (max_autotune_gemm,
+                persistent TMA kernels on Hopper), each shape timed, with the element-wise work
+                around them fused into the Triton templates' epilogues where that wins
     quack-mlp   the MLP through quack's CuTe-DSL GEMMs (a dependency of flash-attn-4): ReLU²
                 computed in the first matmul's epilogue and its derivative in the backward's,
                 instead of separate element-wise passes over the 4x-wide hidden activations
@@ -164,4 +173,25 @@ def two_pass_logsumexp(m):
     torch._inductor.config.online_softmax = False
 
 
-LEVERS = {"fast-math": fast_math, "two-pass-lse": two_pass_logsumexp, "softcap-sigmoid": sigmoid_softcap, "tuning": coordinate_descent_tuning, "qkv": fused_qkv, "muon": compiled_muon, "quack-mlp": quack_mlp}
+def inductor_switch(**settings):
+    """A lever that sets Inductor options (a sub-config's option as triton__multi_kernel)."""
+
+    def lever(m):
+        for name, value in settings.items():
+            *path, leaf = name.split("__")
+            config = torch._inductor.config
+            for part in path:
+                config = getattr(config, part)
+            setattr(config, leaf, value)
+
+    return lever
+
+
+LEVERS = {"fast-math": fast_math, "two-pass-lse": two_pass_logsumexp, "softcap-sigmoid": sigmoid_softcap, "tuning": coordinate_descent_tuning, "qkv": fused_qkv, "muon": compiled_muon, "quack-mlp": quack_mlp,
+          "combo-kernels": inductor_switch(combo_kernels=True),
+          "aggressive-fusion": inductor_switch(aggressive_fusion=True),
+          "multi-kernel": inductor_switch(triton__multi_kernel=1),
+          "nd-tiling": inductor_switch(triton__prefer_nd_tiling=True),
+          "tile-reductions": inductor_switch(triton__prefer_nd_tiling=True, triton__tile_reductions=True),
+          "tma-gemm": inductor_switch(max_autotune_gemm=True, max_autotune_gemm_backends="ATEN,TRITON",
+                                      triton__enable_persistent_tma_matmul=True)}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's train.py section, on one card.
 #
-#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, step-levers, softcap, gaps, table)
+#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, step-levers, softcap, gaps, inductor, table)
 #
 # Each stage fits one 10-minute command. `first`: cold starts, the T4 path (fp16, windows through
 # the mask kernel) and a rough sweep of small-data candidates, several at once. `second`: upstream
@@ -14,6 +14,8 @@
 # `softcap` (flash-attn-4 installed): bench/step_levers.py's levers against the unedited step.
 # `gaps` (flash-attn-4 installed): how long the card idles inside a step (profile_gpu.py --gaps,
 # Chrome trace kept), then the loss's two Inductor switches (fast-math, two-pass log-sum-exp).
+# `inductor` (flash-attn-4 installed): Inductor's own switches (bench/step_levers.py; $LEVERS picks
+# which) against the unedited step, which is timed before and after them.
 # `table`: the side-by-side table of docs/benchmarks.md in one call (start-up cold and three
 # times warm, 60 s runs) and the T4 path.
 # Needs the prepared Shakespeare caches in $AUTORESEARCH_CACHE (vocab 2048 and 8192, made with
@@ -92,6 +94,16 @@ gaps)  # needs flash-attn-4: idle time inside a step, then two Inductor switches
   for lever in two-pass-lse fast-math; do
     $P --steps 20 --profile --lever $lever --out "$OUT/$lever.json"
   done
+  ;;
+inductor)  # needs flash-attn-4: Inductor's switches against the unedited step, each compiled cold
+  P=$FA4_STEPS
+  cached /tmp/cc-inductor
+  $P --steps 10 --out "$OUT/base-cold.json"
+  $P --steps 30 --out "$OUT/base-1.json"
+  for lever in ${LEVERS:-combo-kernels aggressive-fusion multi-kernel nd-tiling tile-reductions tma-gemm}; do
+    $P --steps 30 --lever $lever --out "$OUT/$lever.json"
+  done
+  $P --steps 30 --out "$OUT/base-2.json"
   ;;
 softcap)  # after `fa4`'s install: the soft-cap through sigmoid against tanh, warm, twice each;
   # then Inductor's coordinate-descent tuning, with either

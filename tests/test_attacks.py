@@ -609,7 +609,7 @@ def test_the_two_model_servers_cannot_reach_each_other(ws, machine, tmp_path, mo
     assert f"RuntimeError: COLLUDE shared={{}} cached={cached}" in log_of(ws, 1), log_of(ws, 1)[-2000:]
     if machine == "gpu":  # nothing the servers wrote reached the trusted cache, or outlived them
         assert [p.name for p in trusted.rglob("*")] == ["flash_attn", "kernel-from-the-baseline"]
-        assert not list(Path(tempfile.gettempdir()).glob(f"autoresearch-eval-cache-*/**/{marker}-*"))
+        assert not list(Path(tempfile.gettempdir()).glob(f"{sandbox.PRIVATE}server-cache-*/**/{marker}-*"))
     assert_nothing_lost(ws, [exp])
 
 
@@ -1134,6 +1134,68 @@ def test_a_train_py_that_kills_its_parent_or_everything_it_can_does_not_hurt_the
     assert_nothing_lost(ws, [exp])
     [more] = propose(ws, ("the baseline again", BASELINE), executor=_instant_runs(ws, real=0))  # the loop goes on
     assert more.status == "discard"
+
+
+# what each disk-filling attack does: write 8 MB blocks, up to 400 MB, then wait (for the clock)
+FILL = """
+import os, time
+def fill(f, blocks=50):
+    block = os.urandom(8 << 20)
+    for _ in range(blocks):
+        f.write(block)
+        f.flush()
+    print("wrote 400 MB", flush=True)
+    time.sleep(600)
+"""
+FILLS = {
+    "a file in its /tmp": 'fill(open("/tmp/fill", "wb"))',  # (unsandboxed: this machine's /tmp)
+    "a file in its run folder": 'fill(open("fill", "wb"))',
+    "a deleted file it keeps open": 'f = open("fill", "wb"); os.unlink("fill"); fill(f)',
+    "a folder it makes unreadable": 'os.mkdir("d"); f = open("d/fill", "wb"); os.chmod("d", 0); fill(f)',
+    "a million empty files": 'os.mkdir("d")\nfor i in range(10**6): open(f"d/{i}", "w").close()\ntime.sleep(600)',
+    "its model servers' /tmp": 'if __name__ != "__main__": fill(open("/tmp/fill", "wb"))',
+}
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "none"])
+@pytest.mark.parametrize("how", FILLS)
+def test_a_train_py_that_fills_the_disk_is_stopped_at_its_share_and_what_it_wrote_is_deleted(
+        ws, monkeypatch, mode, how):
+    if mode == "bwrap" and not BWRAP:
+        pytest.skip("needs the bubblewrap sandbox")
+    if mode == "none":
+        if how != "a deleted file it keeps open":  # (one is enough to show the watch works unsandboxed)
+            pytest.skip("unsandboxed, one way of filling the disk is tried")
+        monkeypatch.setenv("AUTORESEARCH_SANDBOX", "0")
+    monkeypatch.setenv(sandbox.DISK_ENV, "0.1")  # a run may write 100 MB
+    server = how == "its model servers' /tmp"
+    attack = at_top(FILL, FILLS[how], then_train=server)
+    free = shutil.disk_usage(ws.path).free
+    t0 = time.time()
+    [exp] = propose(ws, ("fill the disk", attack))
+    assert time.time() - t0 < LIMIT + (30 if server else 0)  # stopped, not left to the clock
+    assert_crash(exp, "disk: ")
+    assert "GB written, more than the 0.10 GB a run may write here" in exp.reason
+    if server:
+        assert "scorer model server" in exp.reason
+    assert "It was stopped, and what it wrote was deleted" in log_of(ws, 1) or server
+    assert os.listdir(ws.path / "runs" / "0001") == [] or server  # (its log is in logs/)
+    assert shutil.disk_usage(ws.path).free > free - 50 * 2**20  # (give or take the logs)
+    assert_nothing_lost(ws, [exp])
+    monkeypatch.delenv(sandbox.DISK_ENV)
+    [more] = propose(ws, ("the baseline again", BASELINE), executor=_instant_runs(ws, real=0))  # the loop goes on
+    assert more.status == "discard"
+
+
+@pytest.mark.parametrize("value", ["lots", "-1"])
+def test_a_bad_disk_share_is_a_clear_error_and_nothing_is_recorded(ws, monkeypatch, value):
+    monkeypatch.setenv(sandbox.DISK_ENV, value)
+    rows = ws.results_path.read_bytes()
+    with pytest.raises(sandbox.SandboxError, match=f"AUTORESEARCH_RUN_DISK_GB='{value}' is not a number of gigabytes"):
+        propose(ws, ("the baseline again", BASELINE))
+    assert ws.results_path.read_bytes() == rows  # nothing recorded as if it had run
+    ws = Workspace.open(ws.path)  # and the workspace resumes as after any interruption
+    assert ws.head() == ws.best()[0] and git(ws, "status", "--porcelain") == ""
 
 
 @pytest.mark.parametrize("mode", ["bwrap", "none"])

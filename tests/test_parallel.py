@@ -389,7 +389,7 @@ def _training_processes() -> list[int]:
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             cwd = ""
-        if b"autoresearch_lib.launch" in cmd and (b"autoresearch-ray-" in cmd or "autoresearch-ray-" in cwd):
+        if b"autoresearch_lib.launch" in cmd and (b"autoresearch-private-ray-" in cmd or "autoresearch-private-ray-" in cwd):
             found.append(int(pid))
     return found
 

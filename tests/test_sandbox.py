@@ -4,6 +4,7 @@ a program that simply failed to start cannot pass for a sandbox that works.
 """
 
 import ast
+import contextlib
 import os
 import signal
 import socket
@@ -291,9 +292,13 @@ def test_a_file_that_vanishes_while_the_trusted_cache_is_copied_costs_nothing_bu
         (tmp_path / "run").mkdir()
         copy, = runner._compile_cache({}, render_train_py("h100").replace("0.04", "0.05"), tmp_path / "run")
     else:
-        copy = scoring.private_compile_cache()
+        folders = contextlib.ExitStack()
+        copy = scoring.private_compile_cache(folders)
     assert (copy / "triton" / "kernel").read_text() == "the baseline's compiled kernel"
     assert not (copy / "triton" / "tmp.write-in-progress").exists()
+    if who == "a model server":
+        folders.close()
+        assert not copy.exists()  # it goes with the server
 
 
 def test_a_new_workspaces_train_py_is_recognised_as_the_kits_own_code(tmp_path):
@@ -353,3 +358,56 @@ def test_a_hold_counts_the_other_experiments_code_that_ran_beside_it():
     with sandbox.untrusted_code() as came_later:
         assert holding(0).wait(60) == 0
     assert (there_before.beside, came_later.beside) == (1, 1)
+
+
+PRIVATE_HOLDER = ("import sys, time\nfrom autoresearch_lib import sandbox\n"
+           "with sandbox.private_folder('run') as folder:\n"
+           "    (folder / 'tmp').mkdir(); (folder / 'tmp' / 'weights').write_bytes(b'x' * 4096)\n"
+           "    print(folder, flush=True)\n    time.sleep(60)\n")
+
+
+def test_the_private_folders_a_killed_loop_left_behind_go_with_the_next_run_and_live_ones_stay():
+    """A notebook kernel restarted mid-run never deletes its run's private folder (its /tmp, a
+    copy of the model): the next run does, but not the folder of a run that is still going."""
+    killed, running = (subprocess.Popen([sys.executable, "-c", PRIVATE_HOLDER], stdout=subprocess.PIPE, text=True)
+                       for _ in range(2))
+    try:
+        left, live = (Path(p.stdout.readline().strip()) for p in (killed, running))
+        killed.kill()
+        killed.wait()
+        assert (left / "tmp" / "weights").exists()  # nothing deleted it: its process was killed
+        minutes_ago = time.time() - 120
+        for folder in (left, live):
+            os.utime(folder, (minutes_ago, minutes_ago))
+        with sandbox.private_folder("run") as mine:
+            assert mine.is_dir()
+            assert not left.exists()
+            assert (live / "tmp" / "weights").exists()
+        assert not mine.exists()
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_what_runs_alone_is_not_kept_waiting_by_a_stream_of_new_runs():
+    """flock() does not queue: without a turnstile, runs that keep starting beside each other
+    (another busy loop) would keep a run alone, or a spot-check server, waiting until they stop.
+    Once it waits, new runs wait behind it."""
+    first = holding(1.5)
+    assert first.stdout.readline() == "in\n"
+    order, t0 = [], time.time()
+
+    def alone():
+        with sandbox.untrusted_code(alone=True):
+            order.append(("alone", time.time() - t0))
+
+    waiter = threading.Thread(target=alone)
+    waiter.start()
+    time.sleep(0.5)  # it waits for `first`; now a new run comes, which would overlap `first`
+    late = holding(0)
+    assert late.stdout.readline() == "in\n"
+    order.append(("late", time.time() - t0))
+    waiter.join(30)
+    assert first.wait(30) == 0 and late.wait(30) == 0
+    assert [who for who, _ in order] == ["alone", "late"], order  # it went first
+    assert order[0][1] >= 1.0, order  # once `first` had ended

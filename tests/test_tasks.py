@@ -347,6 +347,23 @@ def test_a_hung_command_times_out_and_leaves_no_process(tmp_path):
     assert marked_processes(marker) == []
 
 
+@pytest.mark.parametrize("where", ["its /tmp", "its run folder"])
+def test_a_command_that_fills_the_disk_is_stopped_at_its_share_and_what_it_wrote_is_deleted(
+        tmp_path, monkeypatch, where):
+    monkeypatch.setenv(sandbox.DISK_ENV, "0.05")
+    task = Task.load(write_task(tmp_path / "t", timeout="60", score=(
+        "import os, tempfile, time\n"  # (its /tmp: the sandbox's, or unsandboxed the runner's TMPDIR)
+        f"with open(os.path.join(tempfile.gettempdir() if {where == 'its /tmp'} else '', 'fill'), 'wb') as f:\n"
+        "    for _ in range(25): f.write(os.urandom(8 << 20)); f.flush()\n"
+        "print('score: 0', flush=True)\ntime.sleep(300)")))
+    result = run(task, tmp_path)
+    assert result.status == "crash" and result.reason.startswith("disk: "), result.reason
+    assert "more than the 0.05 GB a run may write here (the AUTORESEARCH_RUN_DISK_GB setting)" in result.reason
+    assert result.wall_seconds < 30 and result.metric is None
+    assert os.listdir(tmp_path / "run") == ["run.log"]  # what it wrote is gone; its log stays
+    assert "It was stopped, and what it wrote was deleted." in Path(result.log_path).read_text()
+
+
 def test_stop_ends_a_run(tmp_path):
     task = Task.load(write_task(tmp_path / "t", score="import time; time.sleep(300)"))
     stop = threading.Event()
