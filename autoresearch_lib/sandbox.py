@@ -5,9 +5,9 @@ starts it (and later the model servers that score it) inside bubblewrap (`bwrap`
 `bubblewrap` package), which builds a private view of the file system from Linux namespaces:
 
     read-only   the Python installation, the kit's own package, the training token files
-    read-write  the run's own folder, and a private /tmp (a folder on disk that the runner gives:
-                not memory, which a run could fill past what the kernel's OOM killer can
-                blame on it), up to its share of the disk (disk_watch)
+    read-write  the run's own folder, and a private /tmp (a folder on disk that the runner gives,
+                also its /dev/shm: not memory, which a run could fill past what the kernel's
+                OOM killer can blame on it), up to its share of the disk (disk_watch)
     hidden      the workspace and its .git, results.tsv, the validation tokens, your home
                 folder, other processes (its own PID namespace: not even the loop's /proc)
     cut off     the network (its own network namespace), the terminal (a new session)
@@ -165,6 +165,8 @@ def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: lis
         cmd += ["--ro-bind", "/sys", "/sys"]  # hardware facts torch reads (CPU and NUMA topology)
     for node in gpu_devices():
         cmd += ["--dev-bind", node, node]
+    if tmp:  # /dev is in memory too: its shared-memory folder on disk, the rest read-only (below)
+        cmd += ["--bind", str(tmp), "/dev/shm"]
     for path in [*python_paths(), package_dir(), *readable]:
         cmd += ["--ro-bind", str(path), str(path)]
     for path in writable:
@@ -172,7 +174,7 @@ def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: lis
     for inside, real in (files or {}).items():
         cmd += ["--ro-bind", str(real), inside]
     # the sandbox's own root (where bwrap made the mount points) read-only too
-    return cmd + ["--remount-ro", "/", "--chdir", str(cwd), "--", *argv]
+    return cmd + [*(["--remount-ro", "/dev"] if tmp else []), "--remount-ro", "/", "--chdir", str(cwd), "--", *argv]
 
 
 DISK_ENV = "AUTORESEARCH_RUN_DISK_GB"

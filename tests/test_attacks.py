@@ -1149,6 +1149,7 @@ def fill(f, blocks=50):
 """
 FILLS = {
     "a file in its /tmp": 'fill(open("/tmp/fill", "wb"))',  # (unsandboxed: this machine's /tmp)
+    "a file in its /dev/shm": 'fill(open("/dev/shm/fill", "wb"))',
     "a file in its run folder": 'fill(open("fill", "wb"))',
     "a deleted file it keeps open": 'f = open("fill", "wb"); os.unlink("fill"); fill(f)',
     "a folder it makes unreadable": 'os.mkdir("d"); f = open("d/fill", "wb"); os.chmod("d", 0); fill(f)',

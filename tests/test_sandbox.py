@@ -109,6 +109,37 @@ for name, path in {({k: str(v) for k, v in targets.items()})!r}.items():
     # (a path under /tmp "succeeds" in the sandbox's private /tmp: nothing outside changes)
 
 
+def test_a_sandboxed_process_finds_no_folder_in_memory_to_fill(tmp_path):
+    """bubblewrap's /tmp and /dev are in memory (half the machine's, here), which a run could
+    fill beyond what the kernel's out-of-memory killer blames on it, and beyond the disk watch.
+    With the runner's /tmp folder: /tmp and /dev/shm are that folder, on disk; the rest of /dev
+    is read-only; the device files and shared memory still work (torch, multiprocessing)."""
+    tmp, run = tmp_path / "tmp", tmp_path / "run"
+    for folder in (tmp, run):
+        folder.mkdir()
+    program = """
+import multiprocessing, os
+for path in ["/tmp/a", "/dev/shm/b", "/dev/c"]:
+    try:
+        open(path, "wb").write(b"x" * 4096)
+        print("WROTE", path)
+    except OSError as e:
+        print("NO", path, e.strerror)
+open("/dev/null", "w").write("x")
+multiprocessing.Lock()  # a POSIX semaphore: a file in /dev/shm
+import torch
+torch.zeros(10).share_memory_()
+print("shared memory works")
+"""
+    argv = sandbox.command([sys.executable, "-c", program], cwd=run, writable=[run], tmp=tmp)
+    done = subprocess.run(argv, env=sandbox.environment(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "WROTE /tmp/a" in done.stdout and "WROTE /dev/shm/b" in done.stdout
+    assert "NO /dev/c Read-only file system" in done.stdout
+    assert "shared memory works" in done.stdout
+    assert (tmp / "a").is_file() and (tmp / "b").is_file()  # on disk, where the watch sees them
+
+
 def test_a_sandboxed_process_sees_only_its_own_processes(tmp_path):
     out = inside(f"""
 import os
