@@ -274,17 +274,19 @@ def private_folder(kind: str):
             if st.st_uid == os.getuid() and time.time() - st.st_mtime > 60 and not _in_use(old):
                 remove(old)
     folder = Path(tempfile.mkdtemp(prefix=f"{PRIVATE}{kind}-"))
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY) if fcntl else None  # (Windows: no flock, no sweeping)
     try:
-        if fcntl:
+        if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield folder
     finally:
         remove(folder)
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _in_use(folder: Path) -> bool:
+    """Whether a private folder's process still holds it (or it can't be told: then yes)."""
     if fcntl is None or folder.is_symlink():
         return True
     try:
