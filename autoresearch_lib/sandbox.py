@@ -133,6 +133,14 @@ def python_paths() -> list[Path]:
     return [Path(p).resolve() for p in sorted(paths) if os.path.isdir(p)]
 
 
+def linked_python() -> list[tuple[Path, Path]]:
+    """(real folder, path) for the Python folders this interpreter reaches through a symlink (a
+    virtualenv linked from elsewhere): the runs start sys.executable by that path, so the sandbox
+    shows the real folder there too."""
+    paths = {Path(sys.prefix), Path(sys.exec_prefix)}
+    return [(p.resolve(), p) for p in sorted(paths) if p.is_dir() and p.resolve() != p.absolute()]
+
+
 def package_dir() -> Path:
     """This package's folder (a checkout or site-packages): visible read-only, nothing around it."""
     return Path(__file__).resolve().parent
@@ -169,6 +177,8 @@ def command(argv: list[str], cwd: Path, writable: list[Path] = (), readable: lis
         cmd += ["--bind", str(tmp), "/dev/shm"]
     for path in [*python_paths(), package_dir(), *readable]:
         cmd += ["--ro-bind", str(path), str(path)]
+    for real, path in linked_python():
+        cmd += ["--ro-bind", str(real), str(path.absolute())]
     for path in writable:
         cmd += ["--bind", str(path), str(path)]
     for inside, real in (files or {}).items():

@@ -442,3 +442,21 @@ def test_what_runs_alone_is_not_kept_waiting_by_a_stream_of_new_runs():
     assert first.wait(30) == 0 and late.wait(30) == 0
     assert [who for who, _ in order] == ["alone", "late"], order  # it went first
     assert order[0][1] >= 1.0, order  # once `first` had ended
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="needs a virtualenv to link to")
+def test_a_virtualenv_reached_through_a_symlink_runs_in_the_sandbox(tmp_path):
+    """A virtualenv linked from elsewhere (~/venvs -> /data/venvs): runs start sys.executable by
+    its linked path, which the sandbox must show too, or nothing runs (`execvp: No such file`)."""
+    link = tmp_path / "venv"
+    link.symlink_to(Path(sys.prefix).resolve())
+    run = tmp_path / "run"
+    run.mkdir()
+    program = ("import subprocess, sys\nfrom pathlib import Path\nfrom autoresearch_lib import sandbox\n"
+               "argv = sandbox.command([sys.executable, '-c', 'import sys; print(\"inside\", sys.prefix)'], "
+               f"cwd=Path({str(run)!r}), writable=[Path({str(run)!r})])\n"
+               "done = subprocess.run(argv, capture_output=True, text=True)\nprint(done.stdout, done.stderr)\n")
+    env = {**sandbox.environment(), "PYTHONPATH": str(sandbox.package_dir().parent)}
+    done = subprocess.run([str(link / "bin" / "python"), "-c", program], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert f"inside {link}" in done.stdout, done.stdout + done.stderr
