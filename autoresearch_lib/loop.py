@@ -391,8 +391,6 @@ class _Loop:
         val = _value(ws, result)
         if result.ok and sigma and beats(val, best[1], direction, self.z * sigma):  # confirm a win once
             again = self.train_again(t)
-            if again.ok and again.beside:  # averaged in: not a run that had company (see judge)
-                again = self.train_again(t, alone=True)
             if again.status == "stopped":
                 return None
             # a crash of the re-run is the experiment's crash (not a discard with val_bpb inf)
@@ -462,9 +460,14 @@ class _Loop:
 
     def train_again(self, t: _Trial, alone: bool = False) -> TrainResult:
         """t's candidate once more, as its own row (a wave's candidate is not on the branch: its
-        commit); see train for `alone`."""
-        return self.train(t.index, commit=t.commit if t.wave is not None else None, again=True,
-                          alone=alone)
+        commit); see train for `alone`. What it returns can decide the keep (noise-aware keeping
+        averages it in, fair comparisons may pick it), so a run that had company is replaced by
+        one alone, for the reason judge gives."""
+        commit = t.commit if t.wave is not None else None
+        result = self.train(t.index, commit=commit, again=True, alone=alone)
+        if result.ok and result.beside:
+            result = self.train(t.index, commit=commit, again=True, alone=True)
+        return result
 
     def finish_log(self, index: int, result: TrainResult, first_log: str | None = None,
                    heading: str = "trained again") -> None:

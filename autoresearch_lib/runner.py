@@ -343,7 +343,7 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
                      "AUTORESEARCH_T0": repr(t0), "AUTORESEARCH_RUNNER": "1"})
     argv = [sys.executable, "-m", "autoresearch_lib.launch", "train.py"]
     caches = _compile_cache(env, script_text, private)
-    tmp = temporary_folder(private, env, use_sandbox)
+    tmp = sandbox.temporary_folder(private, env, use_sandbox)
     if use_sandbox:
         files = {f"{inside}/settings.json": private / "settings.json",
                  f"{inside}/data/manifest.json": private / "data" / "manifest.json",
@@ -365,16 +365,6 @@ def _train(script_text, settings, run_dir, prepared, private, use_sandbox, resul
                 on_progress(progress)
 
     return run_command(argv, run_dir, env, t0 + limit, stop, line, writes=[run_dir, private, *caches])
-
-
-def temporary_folder(private: Path, env: dict, use_sandbox: bool) -> Path:
-    """The run's /tmp: a folder on disk in its private folder (sandbox.command), watched with the
-    rest of what it writes; unsandboxed runs get it as TMPDIR."""
-    tmp = private / "tmp"
-    tmp.mkdir()
-    if not use_sandbox:
-        env["TMPDIR"] = str(tmp)
-    return tmp
 
 
 @dataclass

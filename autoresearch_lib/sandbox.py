@@ -230,6 +230,8 @@ def disk_watch(folders: list[Path], kill: Callable[[], None], every: float = 0.5
     folders = [Path(f) for f in folders]
     watch, done = DiskWatch(), threading.Event()
     share = disk_share(folders[0])
+    where = (f"the {DISK_ENV} setting" if os.environ.get(DISK_ENV, "").strip()
+             else f"a quarter of the free space on its disk; set {DISK_ENV} to allow more")
     disks = {os.stat(f).st_dev: f for f in folders}  # one folder per disk, for its free space
     start = {disk: os.statvfs(f) for disk, f in disks.items()}
     held = _bytes_in(folders)
@@ -243,8 +245,6 @@ def disk_watch(folders: list[Path], kill: Callable[[], None], every: float = 0.5
                 return (f"{then.f_favail - now.f_favail:,} files made, more than the quarter of "
                         f"the free inodes on its disk ({then.f_favail:,}) that a run may use")
         if wrote > share:
-            where = (f"the {DISK_ENV} setting" if os.environ.get(DISK_ENV, "").strip()
-                     else f"a quarter of the free space on its disk; set {DISK_ENV} to allow more")
             return f"{wrote / 2**30:.2f} GB written, more than the {share / 2**30:.2f} GB a run may write here ({where})"
         return ""
 
@@ -310,6 +310,17 @@ def _in_use(folder: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def temporary_folder(private: Path, env: dict, use_sandbox: bool) -> Path:
+    """The /tmp of a run (or task command, or model server): a folder on disk in its private
+    folder, which command(tmp=...) shows as /tmp and /dev/shm and disk_watch watches;
+    unsandboxed code gets it as TMPDIR in `env`."""
+    tmp = private / "tmp"
+    tmp.mkdir()
+    if not use_sandbox:
+        env["TMPDIR"] = str(tmp)
+    return tmp
 
 
 def remove(folder: Path) -> None:

@@ -111,15 +111,14 @@ class ModelServer:
         self.deadline, self.name, self.proc = deadline, name, None
         self.watching = contextlib.ExitStack()  # its private folders and their disk watch
         try:
-            self.tmp = self.watching.enter_context(sandbox.private_folder("server"))  # its own /tmp
+            self.tmp = sandbox.temporary_folder(self.watching.enter_context(sandbox.private_folder("server")),
+                                                env, use_sandbox)  # its own /tmp
             self.cache = private_compile_cache(self.watching)
             writes = [self.tmp, *([self.cache] if self.cache else [])]
             if self.cache:
                 env.update(compile_cache_env(self.cache))
             if use_sandbox:
                 argv = sandbox.command(argv, cwd=folder, readable=[folder], writable=writes[1:], tmp=self.tmp)
-            else:
-                env["TMPDIR"] = str(self.tmp)
             self.disk = self.watching.enter_context(sandbox.disk_watch(writes, self.kill))
             self.proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,

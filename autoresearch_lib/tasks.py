@@ -463,7 +463,7 @@ def _execute(task, run_dir, use_sandbox, result, on_progress, on_line, stop, lim
 
     env = runner.clean_env()
     with sandbox.private_folder("task") as private:
-        tmp = runner.temporary_folder(private, env, use_sandbox)
+        tmp = sandbox.temporary_folder(private, env, use_sandbox)
         ran = runner.run_command(argv(task, run_dir, use_sandbox, tmp), run_dir, env, t0 + limit,
                                  stop, line, writes=[tmp])
     log = ran.capture.text()
