@@ -85,6 +85,7 @@ def ours(args):
         t_setup_done=first_time(lines, r"^device: "), t_model_built=first_time(lines, r"^params: "),
         t_step1=first_time(lines, r"^step 00001"), t_step3=first_time(lines, r"^step 00003"),
         startup_line=next((line for _, line in lines if line.startswith("start-up:")), None),
+        attention=next((m[1] for _, line in lines if (m := re.search(r"^params: .*\| attention (\w+)", line))), None),
         error_tail=None if r.ok else r.error_tail[-3000:])
 
 

@@ -1,8 +1,9 @@
 """Levers on a training step of the h100 preset, applied to a loaded train.py module so that
 bench/profile_gpu.py --lever NAME can time each against the unedited script in one call.
-All were measured on an H200 and none was kept (docs/benchmarks.md, fifth, sixth and eighth
-sessions): none made a step faster by more than noise, and some made it slower (nd-tiling and
-tile-reductions were not reached). They stay here, runnable, as the record.
+All were tried on an H200 and none was kept (docs/benchmarks.md, fifth, sixth, eighth and ninth
+sessions): none made a step faster by more than noise, and some made it slower; nd-tiling and
+tile-reductions compile for longer than 225 s (never finished), and quack-mlp-tuned fails with
+quack 0.6.5 and nvidia-cutlass-dsl 4.8.1. They stay here, runnable, as the record.
 
     qkv         q, k and v from one matmul with the three weights concatenated (the same
                 three parameters, so the optimizer sees the same matrices)
@@ -25,7 +26,12 @@ tile-reductions were not reached). They stay here, runnable, as the record.
     quack-mlp   the MLP through quack's CuTe-DSL GEMMs (a dependency of flash-attn-4): ReLU²
                 computed in the first matmul's epilogue and its derivative in the backward's,
                 instead of separate element-wise passes over the 4x-wide hidden activations
+                (tile configs from quack's heuristic)
+    quack-mlp-tuned  the same with quack's autotuner picking each GEMM's tile configs
+    cublaslt    every matmul through cuBLASLt instead of cuBLAS (PyTorch's preferred_blas_library)
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +179,10 @@ def two_pass_logsumexp(m):
     torch._inductor.config.online_softmax = False
 
 
+def cublaslt(m):
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+
+
 def inductor_switch(**settings):
     """A lever that sets Inductor options (a sub-config's option as triton__multi_kernel)."""
 
@@ -188,6 +198,7 @@ def inductor_switch(**settings):
 
 
 LEVERS = {"fast-math": fast_math, "two-pass-lse": two_pass_logsumexp, "softcap-sigmoid": sigmoid_softcap, "tuning": coordinate_descent_tuning, "qkv": fused_qkv, "muon": compiled_muon, "quack-mlp": quack_mlp,
+          "quack-mlp-tuned": functools.partial(quack_mlp, tuned=True), "cublaslt": cublaslt,
           "combo-kernels": inductor_switch(combo_kernels=True),
           "aggressive-fusion": inductor_switch(aggressive_fusion=True),
           "multi-kernel": inductor_switch(triton__multi_kernel=1),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's train.py section, on one card.
 #
-#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, step-levers, softcap, gaps, inductor, table)
+#   bench/trainpy_gpu_session.sh STAGE OUTDIR     (STAGE: first, second, levers, fa4, fa4-levers, step-levers, softcap, gaps, inductor, last, table)
 #
 # Each stage fits one 10-minute command. `first`: cold starts, the T4 path (fp16, windows through
 # the mask kernel) and a rough sweep of small-data candidates, several at once. `second`: upstream
@@ -16,11 +16,16 @@
 # Chrome trace kept), then the loss's two Inductor switches (fast-math, two-pass log-sum-exp).
 # `inductor` (flash-attn-4 installed): Inductor's own switches (bench/step_levers.py; $LEVERS picks
 # which) against the unedited step, which is timed before and after them.
+# `last` (flash-attn-4 installed): the levers no earlier stage reached (quack's autotuned GEMMs for
+# the MLP, cuBLASLt, Inductor's 2-D tiling; $LEVERS picks), each with a time limit ($LEVER_LIMIT s), between two unedited runs.
 # `table`: the side-by-side table of docs/benchmarks.md in one call (start-up cold and three
 # times warm, 60 s runs) and the T4 path.
 # Needs the prepared Shakespeare caches in $AUTORESEARCH_CACHE (vocab 2048 and 8192, made with
 # autoresearch_lib.prepare on any machine) and upstream's train.py at bench/.upstream/train.py
-# (`git show HEAD:train.py` of karpathy/autoresearch; not part of this repository).
+# (`git show HEAD:train.py` of karpathy/autoresearch; not part of this repository). flash-attn-4
+# must be importable from a site folder (pip install, or a .pth file), not only from $PYTHONPATH:
+# the runner gives the kit's runs a clean PYTHONPATH, and a run that can't import it silently falls
+# back to FlexAttention. Each row of `ours` records the kernel it ran ("attention").
 set -u
 OUT=${2:?an output folder}
 B="python3 bench/bench_trainpy_gpu.py"
@@ -102,6 +107,17 @@ inductor)  # needs flash-attn-4: Inductor's switches against the unedited step, 
   $P --steps 30 --out "$OUT/base-1.json"
   for lever in ${LEVERS:-combo-kernels aggressive-fusion multi-kernel nd-tiling tile-reductions tma-gemm}; do
     $P --steps 30 --lever $lever --out "$OUT/$lever.json"
+  done
+  $P --steps 30 --out "$OUT/base-2.json"
+  ;;
+last)  # needs flash-attn-4: the levers not reached before (quack autotuned, 2-D tiling), each cold
+  P=$FA4_STEPS
+  cached /tmp/cc-last
+  export QUACK_CACHE_DIR=/tmp/cc-last/quack
+  $P --steps 10 --out "$OUT/base-cold.json"
+  $P --steps 30 --out "$OUT/base-1.json"
+  for lever in ${LEVERS:-cublaslt quack-mlp-tuned nd-tiling tile-reductions}; do
+    timeout ${LEVER_LIMIT:-110} $P --steps 30 --lever $lever --out "$OUT/$lever.json"
   done
   $P --steps 30 --out "$OUT/base-2.json"
   ;;

@@ -502,7 +502,8 @@ def main():
     assert TOTAL_BATCH_SIZE % tokens_per_pass == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * seq_len"
     grad_accum = TOTAL_BATCH_SIZE // tokens_per_pass
     print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | width {config.n_embd} | "
-          f"depth {DEPTH} | heads {config.n_head} (kv {config.n_kv_head}) | grad accumulation {grad_accum}", flush=True)
+          f"depth {DEPTH} | heads {config.n_head} (kv {config.n_kv_head}) | grad accumulation {grad_accum} | "
+          f"attention {attention_kernel(run.device, config.n_embd // config.n_head)}", flush=True)
 
     loader = run.train_loader(DEVICE_BATCH_SIZE)
     x, y, epoch = next(loader)
