@@ -53,6 +53,14 @@ def test_the_log_says_where_the_start_up_went(trained):
     assert trained.startup_seconds <= float(total) + 0.5
 
 
+def test_the_log_names_the_attention_kernel_that_ran(trained):
+    """The params line says which kernel ran attention: a GPU user whose flash-attn-4 the run
+    can't import (installed only on PYTHONPATH, which runs don't inherit) sees "flex" there instead
+    of "fa4". On a CPU every layer runs through the mask kernel."""
+    line = next(line for line in open(trained.log_path) if line.startswith("params: "))
+    assert line.rstrip().endswith("| attention mask"), line
+
+
 def test_evaluate_scores_the_checkpoint_and_samples(trained):
     result = ar.evaluate(trained.checkpoint, prompt="ROMEO:", num_samples=2, max_new_tokens=20)
     assert result.val_bpb == pytest.approx(trained.val_bpb, rel=1e-3)  # the same fixed val set
